@@ -1,0 +1,1 @@
+"""Data: sources, tokenizers, preprocessing into memory-mapped arrays, and batching."""

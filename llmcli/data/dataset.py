@@ -1,0 +1,84 @@
+"""Processed data on disk, read through memory maps, and the batches the model sees."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids and per-record labels/domains."""
+
+    tokens: torch.Tensor  # (B, T) int64, PAD after each record's EOS
+    lengths: torch.Tensor  # (B,) real tokens per row (BOS and EOS included)
+    labels: torch.Tensor  # (B,) class id, -1 = unlabeled
+    domains: torch.Tensor  # (B,) domain index
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-pad) tokens in the batch."""
+        return int(self.lengths.sum())
+
+
+class ProcessedData:
+    """A processed folder: token memmap, offsets, labels, domains, splits and the manifest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.uint16, mode="r")
+        self.offsets = np.load(self.path / "offsets.npy")
+        self.labels = np.load(self.path / "labels.npy")
+        self.domain_ids = np.load(self.path / "domains.npy")
+        self.splits = np.load(self.path / "splits.npy")
+        self.token_bytes = torch.from_numpy(np.load(self.path / "token_bytes.npy").astype(np.int64))
+        self.domains: list[str] = self.manifest["domains"]
+        self.train_domains: list[str] = self.manifest["train_domains"]
+        self.label_names: list[str] = self.manifest["label_names"]
+        self.pad_id: int = self.manifest["pad_id"]
+
+    def indices(self, split: str, domains: list[str] | None = None) -> np.ndarray:
+        """Record indices of one split, optionally restricted to some domains, in file order."""
+        mask = self.splits == ("train", "val", "test").index(split)
+        if domains is not None:
+            mask &= np.isin(self.domain_ids, [self.domains.index(d) for d in domains])
+        return np.flatnonzero(mask)
+
+    def lengths(self, idx: np.ndarray) -> np.ndarray:
+        """Token count of each record."""
+        return self.offsets[idx + 1] - self.offsets[idx]
+
+    def batch(self, idx: np.ndarray) -> Batch:
+        """Gather records into a right-padded (B, T) batch, T = the longest record."""
+        lens = self.lengths(idx)
+        out = np.full((len(idx), int(lens.max())), self.pad_id, dtype=np.int64)
+        for row, (i, n) in enumerate(zip(idx.tolist(), lens.tolist())):
+            out[row, :n] = self.tokens[self.offsets[i] : self.offsets[i] + n]
+        return Batch(
+            torch.from_numpy(out),
+            torch.from_numpy(lens.astype(np.int64)),
+            torch.from_numpy(self.labels[idx].astype(np.int64)),
+            torch.from_numpy(self.domain_ids[idx].astype(np.int64)),
+        )
+
+
+def epoch_stream(n: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Items [start, start+count) of an endless stream of per-epoch permutations of range(n).
+
+    The position is a pure function of `start`, so a resumed run continues the exact data order.
+    """
+    out = np.empty(count, dtype=np.int64)
+    filled = 0
+    while filled < count:
+        epoch, pos = divmod(start + filled, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(count - filled, n - pos)
+        out[filled : filled + take] = perm[pos : pos + take]
+        filled += take
+    return out

@@ -1,0 +1,91 @@
+"""`llmcli eval`: score a run on every domain of its data, report the in-domain vs OOD gap."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from llmcli.errors import UserError
+from llmcli.io import atomic_write_json
+
+SPLITS = ("val", "test")
+
+
+def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
+             log: Any = print) -> dict[str, Any]:
+    """Per-domain metrics and gaps for one split; written to RUN_DIR/eval/<split>.json and returned."""
+    import torch
+
+    from llmcli.data.dataset import ProcessedData
+    from llmcli.data.preprocess import preprocess
+    from llmcli.metrics import gaps, score
+    from llmcli.models.load import load_trained
+    from llmcli.registry import registry
+
+    if split not in SPLITS:
+        raise UserError(f"--split: {split!r} is not a split (allowed: {', '.join(SPLITS)})")
+    run_dir = Path(run_dir)
+    t = load_trained(run_dir, checkpoint or _default_checkpoint(run_dir))
+    cfg = t.cfg
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    data = ProcessedData(preprocess(cfg.data, log=log))  # rebuilt from the saved config if the cache is gone
+    tok_sha = hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest()
+    if data.manifest["tokenizer_sha256"] != tok_sha:
+        raise UserError(f"{run_dir}: the processed data at {data.path} was tokenized differently from this run")
+    task_loss = registry("task_loss").build(cfg.task_loss, n_classes=len(data.label_names))
+    t0 = time.perf_counter()
+    per_domain = {}
+    for d in data.domains:
+        idx = data.indices(split, [d])
+        if cfg.eval.max_examples:
+            idx = idx[: cfg.eval.max_examples]
+        if len(idx):
+            per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss)
+    result = {
+        "run": str(run_dir),
+        "split": split,
+        "checkpoint": checkpoint or _default_checkpoint(run_dir),
+        "step": t.checkpoint["step"],
+        "in_domain": data.train_domains,
+        "out_of_domain": [d for d in per_domain if d not in data.train_domains],
+        "domains": per_domain,
+        "gap": gaps(per_domain, data.train_domains),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (run_dir / "eval").mkdir(exist_ok=True)
+    atomic_write_json(run_dir / "eval" / f"{split}.json", result)
+    return result
+
+
+def _default_checkpoint(run_dir: Path) -> str:
+    return "best" if (run_dir / "checkpoints" / "best.safetensors").is_file() else "last"
+
+
+def render_table(result: dict[str, Any]) -> Any:
+    """A rich table: one row per domain, the gap to the in-domain score beside acc."""
+    from rich.table import Table
+
+    table = Table(title=f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
+                        f"step {result['step']}]")
+    cols = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "gap_acc")
+    table.add_column("domain")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for d, m in result["domains"].items():
+        gap = result["gap"].get(d, {}).get("gap_acc")
+        name = f"{d} (in-domain)" if d in result["in_domain"] else d
+        cells = [_fmt(m.get(c)) for c in cols[:-1]] + [_fmt(gap)]
+        table.add_row(name, *cells)
+    if "mean" in result["gap"]:
+        table.add_row("mean OOD gap", *[""] * 6, "", _fmt(result["gap"]["mean"].get("gap_acc")))
+    return table
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"

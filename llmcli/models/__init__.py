@@ -1,0 +1,1 @@
+"""Backbones and the two-headed model around them."""

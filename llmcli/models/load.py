@@ -1,0 +1,45 @@
+"""Rebuild a trained model from nothing but its run folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmcli.errors import UserError
+
+
+@dataclass
+class Trained:
+    """A run's config, model (eval mode), tokenizer, data manifest and checkpoint sidecar."""
+
+    cfg: Any
+    model: Any
+    tokenizer: Any
+    manifest: dict[str, Any]
+    checkpoint: dict[str, Any]
+
+
+def load_trained(run_dir: Path, which: str = "best") -> Trained:
+    """Load `checkpoints/<which>.safetensors` of a run into a freshly built model."""
+    from llmcli.checkpoint import load_checkpoint, restore_model
+    from llmcli.data.tokenizers import TextTokenizer
+    from llmcli.models.model import build_model
+    from llmcli.runs import load_run_config
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    for name in ("tokenizer.json", "data_manifest.json"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: run folder is incomplete (no {name})")
+    manifest = json.loads((run_dir / "data_manifest.json").read_text(encoding="utf-8"))
+    path = run_dir / "checkpoints" / f"{which}.safetensors"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {which} checkpoint (checkpoints/{which}.safetensors); has it trained?")
+    tensors, side = load_checkpoint(path)
+    model = build_model(cfg.model, vocab_size=manifest["vocab_size"], n_classes=len(manifest["label_names"]),
+                        max_len=cfg.data.max_len)
+    restore_model(model, tensors, path)
+    model.eval()
+    return Trained(cfg, model, TextTokenizer.load(run_dir / "tokenizer.json"), manifest, side)

@@ -1,0 +1,65 @@
+"""Optimisers and learning-rate schedules (linear warm-up, then constant / linear / cosine)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def _groups(decay: list, no_decay: list, weight_decay: float) -> list[dict[str, Any]]:
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(cfg: Any, *, decay: list, no_decay: list) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only."""
+    return torch.optim.AdamW(
+        _groups(decay, no_decay, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
+    )
+
+
+def build_sgd(cfg: Any, *, decay: list, no_decay: list) -> torch.optim.Optimizer:
+    """SGD with (optionally Nesterov) momentum."""
+    if cfg.nesterov and cfg.momentum == 0:
+        from llmcli.errors import UserError
+
+        raise UserError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+    return torch.optim.SGD(
+        _groups(decay, no_decay, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+    )
+
+
+def _warmup(step: int, warmup: int) -> float | None:
+    return (step + 1) / warmup if step < warmup else None
+
+
+def build_cosine(cfg: Any, *, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up, then cosine decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        w = _warmup(step, cfg.warmup_steps)
+        if w is not None:
+            return w
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_linear(cfg: Any, *, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up, then linear decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        w = _warmup(step, cfg.warmup_steps)
+        if w is not None:
+            return w
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 1 - (1 - cfg.min_lr_ratio) * min(1.0, t)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_constant(cfg: Any, *, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup(step, cfg.warmup_steps) or 1.0)

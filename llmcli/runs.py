@@ -1,0 +1,87 @@
+"""Run folders: creation with a unique name, meta.json, and reading a run back."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmcli.errors import UserError
+from llmcli.io import atomic_write_json, read_json
+
+
+def create_run_dir(runs_dir: Path, name: str, prefix: str = "") -> Path:
+    """runs/<prefix><YYYYmmdd-HHMMSS>-<name>-<4 hex>, created exclusively (two runs never share one)."""
+    runs_dir = Path(runs_dir)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{runs_dir}: cannot create the runs folder ({exc.strerror})") from None
+    for _ in range(100):
+        path = runs_dir / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"{runs_dir}: cannot create a run folder here ({exc.strerror})") from None
+    raise UserError(f"{runs_dir}: could not find a free run folder name")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def new_meta(seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """meta.json for a new run: versions, host, seed, command line, status, times."""
+    import torch
+
+    from llmcli import __version__
+
+    return {
+        "status": "running",
+        "llmcli": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "git_commit": _git_commit(),
+        "seed": seed,
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def update_meta(run_dir: Path, **changes: Any) -> dict[str, Any]:
+    """Merge changes into meta.json (atomically)."""
+    path = Path(run_dir) / "meta.json"
+    meta = read_json(path, "run meta") if path.exists() else {}
+    meta.update(changes)
+    atomic_write_json(path, meta)
+    return meta
+
+
+def load_run_config(run_dir: Path) -> Any:
+    """The resolved config of a run folder; a missing folder or config is a UserError."""
+    from llmcli.config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run folder not found")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.yaml)")
+    return load_config(run_dir / "config.yaml")

@@ -1,0 +1,86 @@
+"""The command line as a user types it: exit codes, one-line errors, stdout contents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmcli.cli import app
+
+from .conftest import TINY
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from llmcli.cli import app; from typer.testing import CliRunner; " \
+           "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "llmcli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "sweep-alpha" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("model: {name: gpt, n_layr: 2}\n", "model.n_layr: unknown key"),
+        ("train: {steps: ten}\n", "train.steps: Input should be a valid integer"),
+        ("objective: {name: weighted, alpha: 1.5}\n", "objective.alpha: Input should be less than or equal to 1"),
+        ("model: {name: transformerXL}\n", "model.name: unknown model 'transformerXL' (valid: gpt)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "preprocess", "validate", "sweep-alpha"])
+def test_bad_config_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, text, fragment, command):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    result = run(command, str(cfg))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cfg) in lines[0] and fragment in lines[0]
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_bad_set_and_bad_flags_exit_2(tmp_path):
+    assert run("validate", str(TINY), "--set", "train.steps").exit_code == 2
+    assert run("sweep-alpha", str(TINY), "--alphas", "0,2").exit_code == 2
+    assert run("train").exit_code == 2
+    assert "give a CONFIG" in run("train").stderr
+
+
+def test_validate_prints_the_resolved_config_and_schema_is_json():
+    out = run("validate", str(TINY), "--set", "objective.alpha=0.25")
+    assert out.exit_code == 0 and "alpha: 0.25" in out.stdout and "log_grad_every" in out.stdout
+    schema = json.loads(run("schema").stdout)
+    assert "objective" in schema["properties"]
+
+
+def test_train_eval_generate_from_the_command_line(tmp_path, processed_dir):
+    s = ["--set", f"data.processed_dir={processed_dir}", "--set", "train.steps=10"]
+    trained = run("train", str(TINY), *s, "--runs-dir", str(tmp_path), "--no-progress")
+    assert trained.exit_code == 0, trained.output
+    run_dir = Path(trained.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path and (run_dir / "checkpoints" / "last.safetensors").is_file()
+
+    ev = run("eval", str(run_dir))
+    assert ev.exit_code == 0 and "kjv (in-domain)" in ev.stdout and "wyc" in ev.stdout
+    assert (run_dir / "eval" / "test.json").is_file()
+
+    gen = run("generate", str(run_dir), "--prompt", "In the beginning", "-n", "8", "--seed", "1")
+    assert gen.exit_code == 0 and gen.stdout.startswith("In the beginning") and len(gen.stdout) > 17
+    assert run("generate", str(run_dir), "--top-p", "0").exit_code == 2
+    assert run("eval", str(tmp_path / "nope")).exit_code == 2

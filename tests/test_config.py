@@ -1,0 +1,115 @@
+"""Config loading, validation messages and --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmcli.config import apply_overrides, dump_config, load_config, validate_config
+from llmcli.errors import UserError
+
+from .conftest import TINY
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_fill_every_section():
+    cfg = validate_config({})
+    assert cfg.model.name == "gpt" and cfg.objective.alpha == 0.5 and cfg.optim.name == "adamw"
+    assert cfg.data.source.versions == ["kjv", "web", "bbe", "ylt", "wyc"]
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(TINY)
+    again = validate_config(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_typo_key_names_file_field_and_allowed_keys(tmp_path):
+    p = write(tmp_path, "model: {name: gpt, n_layr: 2}\n")
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and "model.n_layr" in msg and "n_layer" in msg and "\n" not in msg
+
+
+def test_wrong_type_names_field_and_value(tmp_path):
+    with pytest.raises(UserError, match=r"train\.steps: .*integer.*'many'"):
+        load_config(write(tmp_path, "train: {steps: many}\n"))
+
+
+def test_alpha_out_of_range_is_rejected(tmp_path):
+    with pytest.raises(UserError, match=r"objective\.alpha: .*less than or equal to 1.*1\.5"):
+        load_config(write(tmp_path, "objective: {name: weighted, alpha: 1.5}\n"))
+
+
+def test_unknown_component_lists_valid_names():
+    with pytest.raises(UserError, match=r"optim\.name: unknown optimizer 'lion' \(valid: adamw, sgd\)"):
+        validate_config({"optim": {"name": "lion"}})
+
+
+def test_component_fields_are_checked_against_the_chosen_component():
+    # momentum belongs to sgd, not adamw
+    with pytest.raises(UserError, match=r"optim\.momentum: unknown key"):
+        validate_config({"optim": {"name": "adamw", "momentum": 0.9}})
+    assert validate_config({"optim": {"name": "sgd", "momentum": 0.8}}).optim.momentum == 0.8
+
+
+def test_set_overrides_nested_values_and_parse_yaml_scalars():
+    cfg = load_config(TINY, ["train.steps=7", "optim.lr=3e-4", "model.bias=true", "sweep.alphas=[0, 0.5]"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == pytest.approx(3e-4) and cfg.model.bias is True
+    assert cfg.sweep.alphas == [0.0, 0.5]
+
+
+def test_set_on_a_section_without_name_keeps_the_default_component():
+    assert validate_config(apply_overrides({}, ["optim.lr=0.01"])).optim.name == "adamw"
+
+
+@pytest.mark.parametrize("bad", ["train.steps", "=3", "a..b=1", "train.steps.x=1"])
+def test_malformed_set_is_a_user_error(bad):
+    with pytest.raises(UserError, match="--set"):
+        load_config(TINY, [bad])
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("", "empty"), ("- a\n- b\n", "mapping"), ("model: {name: gpt\n", "YAML syntax error")],
+)
+def test_unreadable_config_files(tmp_path, text, fragment):
+    with pytest.raises(UserError, match=fragment):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["steps", "batch_size", "eval_every", "bogus"]),
+                       st.one_of(st.integers(-5, 5), st.text(max_size=3), st.none()), max_size=3))
+def test_validation_either_succeeds_or_raises_one_line_user_error(train_section):
+    try:
+        validate_config({"train": train_section})
+    except UserError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("<config>: train")
+
+
+@settings(deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["train.steps", "model.d_model", "seed"]), st.integers(1, 64)), max_size=4))
+def test_last_override_wins(pairs):
+    data = apply_overrides({}, [f"{k}={v}" for k, v in pairs])
+    for key in {k for k, _ in pairs}:
+        last = [v for k, v in pairs if k == key][-1]
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        assert node == last

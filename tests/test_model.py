@@ -1,0 +1,61 @@
+"""The GPT backbone and the two-headed model."""
+
+from __future__ import annotations
+
+import torch
+
+from llmcli.config import GPTConfig, validate_config
+from llmcli.data.dataset import Batch
+from llmcli.losses import build_cross_entropy
+from llmcli.models.model import build_model, n_params
+
+
+def small_model(vocab: int = 50, classes: int = 3):
+    torch.manual_seed(0)
+    return build_model(GPTConfig(n_layer=2, n_head=2, d_model=16, block_size=32), vocab_size=vocab,
+                       n_classes=classes, max_len=16)
+
+
+def test_lm_head_is_tied_to_the_embedding():
+    m = small_model()
+    assert m.lm_head.weight is m.backbone.embed.weight
+    assert n_params(m) < sum(p.numel() for p in m.state_dict().values())
+
+
+def test_padding_changes_neither_loss():
+    m = small_model().eval()
+    ce = build_cross_entropy(validate_config({}).task_loss, n_classes=3)
+    toks = torch.tensor([[1, 5, 6, 7, 2]])
+    a = m.losses(Batch(toks, torch.tensor([5]), torch.tensor([1]), torch.tensor([0])), ce)
+    padded = torch.cat([toks, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    b = m.losses(Batch(padded, torch.tensor([5]), torch.tensor([1]), torch.tensor([0])), ce)
+    assert torch.allclose(a["lm_loss"], b["lm_loss"]) and torch.allclose(a["task_loss"], b["task_loss"])
+
+
+def test_unlabeled_rows_do_not_reach_the_task_loss():
+    ce = build_cross_entropy(validate_config({}).task_loss, n_classes=3)
+    logits = torch.tensor([[5.0, 0, 0], [0, 0, 5.0]])
+    only_first = ce(logits[:1], torch.tensor([0]))
+    assert torch.allclose(ce(logits, torch.tensor([0, -1])), only_first)
+    assert ce(logits, torch.tensor([-1, -1])).item() == 0.0
+
+
+def test_kv_cache_gives_the_same_states_as_a_full_forward():
+    m = small_model().eval()
+    seq = torch.tensor([[1, 4, 9, 3, 8, 7, 2, 5]])
+    full, _ = m.backbone(seq)
+    h, cache = m.backbone(seq[:, :5])
+    steps = [h]
+    for t in range(5, 8):
+        h, cache = m.backbone(seq[:, t : t + 1], cache)
+        steps.append(h)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings():
+    m = small_model()
+    decay, no_decay = m.decay_groups()
+    emb = m.backbone.embed.weight
+    assert all(p.dim() >= 2 for p in decay) and all(p is not emb for p in decay)
+    assert any(p is emb for p in no_decay)
+    assert len(decay) + len(no_decay) == len({id(p) for p in m.parameters()})

@@ -1,0 +1,78 @@
+"""Training: the run folder, metrics, checkpoints, reproducibility and resume."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from llmcli.errors import UserError
+from llmcli.train import TIMING_KEYS, train
+
+QUIET = {"progress": False, "log": lambda m: None}
+
+
+def metric_values(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
+
+
+def test_run_folder_is_self_describing(tiny_run):
+    assert re.fullmatch(r"\d{8}-\d{6}-tiny-[0-9a-f]{4}", tiny_run.name)
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "tokenizer.json", "data_manifest.json",
+                 "checkpoints/last.safetensors", "checkpoints/last.json", "checkpoints/best.safetensors"):
+        assert (tiny_run / name).is_file(), name
+    meta = json.loads((tiny_run / "meta.json").read_text())
+    assert meta["status"] == "completed" and meta["step"] == 20 and meta["n_params"] > 0
+    assert {"torch", "python", "llmcli", "host", "seed", "command", "started", "ended"} <= set(meta)
+
+
+def test_metrics_hold_train_and_per_domain_val_records(tiny_run):
+    recs = metric_values(tiny_run)
+    train_recs = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
+    assert all({"lm_loss", "task_loss", "loss", "lr"} <= set(r) for r in train_recs)
+    assert any("grad_cosine" in r for r in train_recs)
+    val = [r for r in recs if r["split"] == "val" and r["domain"] in ("kjv", "web", "wyc")]
+    assert {(r["step"], r["domain"]) for r in val} == {(s, d) for s in (10, 20) for d in ("kjv", "web", "wyc")}
+    assert all({"lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1"} <= set(r) for r in val)
+
+
+def test_training_lowers_the_lm_loss(tiny, tmp_path):
+    run = train(tiny("train.steps=60", "train.eval_every=60", "train.log_every=20"), runs_dir=tmp_path, **QUIET)
+    train_recs = [r for r in metric_values(run) if r["split"] == "train"]
+    assert train_recs[-1]["lm_loss"] < train_recs[0]["lm_loss"] - 0.5
+
+
+def test_same_config_and_seed_give_identical_metrics(tiny, tmp_path):
+    a = train(tiny("seed=3"), runs_dir=tmp_path / "a", **QUIET)
+    b = train(tiny("seed=3"), runs_dir=tmp_path / "b", **QUIET)
+    assert metric_values(a) == metric_values(b)
+    c = train(tiny("seed=4"), runs_dir=tmp_path / "c", **QUIET)
+    assert metric_values(c) != metric_values(a)
+
+
+@pytest.mark.parametrize("stop", [7, 10])  # between checkpoints, and right on one
+def test_resume_ends_exactly_like_an_uninterrupted_run(tiny, tmp_path, stop):
+    from safetensors.torch import load_file
+
+    full = train(tiny(), runs_dir=tmp_path / "full", **QUIET)
+    part = train(tiny(), runs_dir=tmp_path / "part", stop_after=stop, **QUIET)
+    assert json.loads((part / "meta.json").read_text())["status"] == "stopped"
+    resumed = train(None, resume=part, **QUIET)
+    assert resumed == part and json.loads((part / "meta.json").read_text())["status"] == "completed"
+    assert metric_values(resumed) == metric_values(full)
+    a = load_file(full / "checkpoints" / "last.safetensors")
+    b = load_file(part / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_resume_needs_a_checkpoint(tmp_path, tiny_run):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoints" / "last.safetensors").unlink()
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(None, resume=run, **QUIET)
