@@ -287,8 +287,13 @@ def _run_ray(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[
              log: Any, address: str | None) -> None:
     import ray
 
+    import llmcli
+
+    # A local instance gets this process's llmcli on its workers' path; a cluster's nodes must have
+    # llmcli installed (pip install 'llmcli[ray]') and see the sweep folder (shared storage).
+    local_env = {"env_vars": {"PYTHONPATH": str(Path(llmcli.__file__).resolve().parents[1])}}
     ray.init(address=address, num_cpus=None if address else (os.cpu_count() or 1), include_dashboard=False,
-             ignore_reinit_error=True, log_to_driver=False)
+             ignore_reinit_error=True, log_to_driver=False, runtime_env=None if address else local_env)
     cpus = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
     remote = ray.remote(num_cpus=cpus, max_retries=0)(_ray_point)
     refs = {}
@@ -501,7 +506,7 @@ def _summary(sweep_dir: Path, state: dict[str, Any], rows: list[dict[str, Any]],
     lines = [f"# Sweep {sweep_dir.name}", "",
              f"Mode: {state['mode']}; {var} grid: {', '.join(f'{v:g}' for v in state['grid'])}; "
              f"seeds: {', '.join(map(str, state['seeds']))}. {ok}/{len(rows)} points completed.", "",
-             f"Pareto front on (in-domain lm_loss, task_loss), both minimised, seed means: "
+             "Pareto front on (in-domain lm_loss, task_loss), both minimised, seed means: "
              + ", ".join(f"{var}={a['value']:g}" for a, p in zip(agg, pareto_mask(pts)) if p) + ".",
              f"Hypervolume of that front: **{hv:.4f}** (pymoo, reference point lm_loss = {ref[0]:.4f}, "
              f"task_loss = {ref[1]:.4f}: 10 % beyond the worst value seen).", ""]

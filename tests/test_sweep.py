@@ -112,8 +112,9 @@ def test_killed_worker_fails_its_point_only_and_resume_reruns_just_that_point(tm
     assert "killed by signal 9" in table[1]["error"]
     first = sweep / point_name("alpha", 0.0, 0) / "checkpoints" / "last.safetensors"
     stamp = first.stat().st_mtime_ns
-    from llmcli.cli import app
     from typer.testing import CliRunner
+
+    from llmcli.cli import app
 
     again = CliRunner().invoke(app, ["sweep-alpha", "--resume", str(sweep), "--no-progress"])
     assert again.exit_code == 0, again.output
@@ -197,8 +198,9 @@ def test_pareto_mask_and_hypervolume_known_answers():
 
 
 def test_cli_bad_input_exit_2(tmp_path):
-    from llmcli.cli import app
     from typer.testing import CliRunner
+
+    from llmcli.cli import app
 
     r = CliRunner()
     for args in (["--alphas", "0,2"], ["--alphas", "linspace:0:1"], ["--workers", "0"], ["--seeds", "x"]):
@@ -206,3 +208,17 @@ def test_cli_bad_input_exit_2(tmp_path):
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, args
     assert r.invoke(app, ["sweep-alpha", "--resume", str(tmp_path)]).exit_code == 2
     assert Path(TINY).is_file()
+
+
+def test_ray_backend_runs_points_and_resumes_like_local_workers(tiny, tmp_path):
+    pytest.importorskip("ray")
+    import ray
+
+    try:
+        sweep = sweep_alpha(tiny(*FAST), [0.0, 1.0], backend="ray", workers=2, runs_dir=tmp_path, **QUIET)
+        assert [r["status"] for r in rows(sweep)] == ["completed", "completed"]
+        stamp = (sweep / "alpha-0-seed0" / "status.json").stat().st_mtime_ns
+        sweep_alpha(None, resume=sweep, backend="ray", **QUIET)
+        assert (sweep / "alpha-0-seed0" / "status.json").stat().st_mtime_ns == stamp
+    finally:
+        ray.shutdown()
