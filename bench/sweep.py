@@ -21,8 +21,7 @@ from _common import ROOT, emit  # noqa: E402
 
 def main() -> None:
     from llmcli.config import load_config
-    from llmcli.sweep import aggregate, collect_rows, default_workers, hypervolume, pareto_mask, reference_point
-    from llmcli.sweep import sweep_alpha
+    from llmcli.sweep import aggregate, collect_rows, default_workers, hypervolume, pareto_mask, reference_point, sweep_alpha
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", type=int, default=8)
