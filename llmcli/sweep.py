@@ -205,13 +205,15 @@ def run_point(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
     try:
         cfg = validate_config(cfg_json, point)
         train(cfg, run_dir=pdir, progress=False, log=lambda m: None)
+        train_wall = round(time.perf_counter() - t0, 2)
         evaluate(pdir, split="test", log=lambda m: None)
     except BaseException as exc:  # the point fails; the sweep goes on
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         atomic_write_json(pdir / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {last}",
                                                  "wall_s": round(time.perf_counter() - t0, 2)})
         raise SystemExit(1) from None
-    atomic_write_json(pdir / "status.json", {"status": "completed", "wall_s": round(time.perf_counter() - t0, 2)})
+    atomic_write_json(pdir / "status.json", {"status": "completed", "wall_s": round(time.perf_counter() - t0, 2),
+                                             "train_wall_s": train_wall})
 
 
 def _child(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
