@@ -140,26 +140,46 @@ def generate(
 @app.command("sweep-alpha")
 def sweep_alpha(
     config: Optional[str] = typer.Argument(None, help="Experiment config (YAML); omit with --resume."),
-    alphas: Optional[str] = typer.Option(None, "--alphas", help="Comma-separated grid in [0, 1]; default: sweep.alphas."),
+    alphas: Optional[str] = typer.Option(None, "--alphas", help="Grid in [0, 1]: 0,0.25,1 or linspace:0:1:9 "
+                                         "(default: sweep.alphas)."),
+    betas: Optional[str] = typer.Option(None, "--betas", help="Sweep the constrained objective's bound instead."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Run every point per seed: 0,1,2 (mean ± std)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Points trained in parallel (default: one per core)."),
+    mode: str = typer.Option("exact", "--mode", help="exact (one run per point) or conditioned (one run, YOTO)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Another sweep folder whose front is overlaid."),
+    backend: str = typer.Option("local", "--backend", help="local processes, or ray (pip install 'llmcli[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Finish this sweep folder, skipping finished points."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Finish this sweep: re-run missing or failed points."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the sweep folder is created."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Train one run per alpha of L' = alpha*L + (1-alpha)*T; write results.csv, pareto.png, summary.md."""
+    """Map the L-vs-T trade-off: one run per alpha (or one conditioned run); results.csv, pareto.png, summary.md."""
 
     def body() -> None:
         from llmcli.errors import UserError
-        from llmcli.sweep import parse_alphas
+        from llmcli.sweep import SweepFailed, parse_grid, parse_seeds
         from llmcli.sweep import sweep_alpha as run
 
         if resume is None and config is None:
             raise UserError("sweep-alpha: give a CONFIG, or --resume SWEEP_DIR")
-        grid = parse_alphas(alphas) if alphas is not None else None
-        if resume is not None and (config is not None or set_ or grid is not None):
+        grid = parse_grid(alphas, "--alphas") if alphas is not None else None
+        bgrid = parse_grid(betas, "--betas", 0.0, float("inf")) if betas is not None else None
+        seed_list = parse_seeds(seeds) if seeds is not None else None
+        if workers is not None and workers < 1:
+            raise UserError(f"--workers: must be >= 1, got {workers}")
+        if resume is not None and (config is not None or set_ or grid or bgrid or seed_list or mode != "exact"):
             raise UserError("sweep-alpha: --resume finishes a sweep with its own grid and config; drop the others")
         cfg = _config(config, set_) if config else None
-        typer.echo(run(cfg, grid, runs_dir=runs_dir, resume=resume, progress=progress, log=_log))
+        try:
+            out = run(cfg, grid, betas=bgrid, seeds=seed_list, workers=workers, mode=mode, backend=backend,
+                      ray_address=ray_address, compare=compare, runs_dir=runs_dir, resume=resume,
+                      progress=progress, log=_log)
+        except SweepFailed as exc:
+            typer.echo(f"error: {exc}", err=True)
+            typer.echo(exc.sweep_dir)
+            raise typer.Exit(1) from None
+        typer.echo(out)
 
     _guard(body)
 

@@ -100,6 +100,17 @@ class WeightedObjective(Strict):
     log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
 
+class ConditionedObjective(Strict):
+    """YOTO: alpha drawn per batch in [alpha_min, alpha_max] and fed to the model; `alpha` is used at eval."""
+
+    name: Literal["conditioned"] = "conditioned"
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="alpha the model is evaluated and generates at")
+    alpha_min: float = Field(0.0, ge=0.0, le=1.0)
+    alpha_max: float = Field(1.0, ge=0.0, le=1.0)
+    film_hidden: int = Field(64, ge=1, description="width of the FiLM network that reads alpha")
+    log_grad_every: int = Field(50, ge=0)
+
+
 # ---------------------------------------------------------------- optimisers and schedules
 
 
@@ -219,7 +230,8 @@ _BUILTINS: dict[str, list[tuple[type, str]]] = {
     "tokenizer": [(BPETokenizer, "llmcli.data.tokenizers:build_bpe")],
     "model": [(GPTConfig, "llmcli.models.gpt:build_gpt")],
     "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy")],
-    "objective": [(WeightedObjective, "llmcli.objectives:build_weighted")],
+    "objective": [(WeightedObjective, "llmcli.objectives:build_weighted"),
+                  (ConditionedObjective, "llmcli.conditioned:build_conditioned")],
     "optimizer": [(AdamWConfig, "llmcli.optim:build_adamw"), (SGDConfig, "llmcli.optim:build_sgd")],
     "schedule": [
         (CosineSchedule, "llmcli.optim:build_cosine"),

@@ -1,120 +1,333 @@
-"""`llmcli sweep-alpha`: one run per alpha under one sweep folder, then the trade-off they map.
+"""`llmcli sweep-alpha`: map the L-vs-T trade-off over a grid of alpha (or beta) values.
+
+Exact mode trains one run per (value, seed), each in its own child process (a crash, NaN or a killed
+worker fails that point only), `--workers` at a time with the cores split between them. Conditioned
+mode trains ONE network with alpha drawn per batch and fed to the model (llmcli/conditioned.py), then
+scores it at every grid value.
 
 sweep-<ts>-<name>-<hex>/
-  sweep.json        the grid and the base config
-  alpha-0.25/       a complete run folder per point (config, metrics, checkpoints, eval/test.json)
-  results.csv       one row per point
-  pareto.png        in-domain and out-of-domain fronts
-  summary.md        what the front shows
+  sweep.json        mode, variable, grid, seeds, base config: what --resume needs
+  alpha-0.25-seed0/ a complete run folder per point (config, metrics, checkpoints, eval/test.json, status.json)
+  conditioned/      the conditioned run (conditioned mode), with eval/test-alpha-<v>.json per grid value
+  results.csv       one row per point and seed
+  pareto.png        in-domain and out-of-domain fronts; both modes overlaid when both exist
+  summary.md        what the front shows, the best value per goal, the hypervolume
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
-COLUMNS = ("alpha", "status", "acc_in", "macro_f1_in", "acc_ood", "macro_f1_ood", "gap_acc", "ppl_in",
-           "lm_loss_in", "task_loss_in", "ppl_ood", "pareto", "wall_s", "run", "error")
+COLUMNS = ("mode", "variable", "value", "seed", "status", "acc_in", "macro_f1_in", "acc_ood", "macro_f1_ood",
+           "gap_acc", "ppl_in", "ppl_ood", "lm_loss_in", "task_loss_in", "grad_cosine", "pareto", "wall_s",
+           "run", "error")
+VARIABLES = {"alpha": "--alphas", "beta": "--betas"}
 
 
-def parse_alphas(text: str) -> list[float]:
-    """'0,0.25,1' -> [0.0, 0.25, 1.0]; every value must be a number in [0, 1], no duplicates."""
-    parts = [p.strip() for p in text.split(",")]
-    if not text.strip() or any(not p for p in parts):
-        raise UserError(f"--alphas: {text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise UserError(f"--alphas: {text!r} holds a value that is not a number") from None
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
+# ---------------------------------------------------------------- grids
+
+
+def parse_grid(text: str, flag: str = "--alphas", lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    """'0,0.25,1' or 'linspace:0:1:9' -> sorted-as-given floats in [lo, hi], no duplicates."""
+    text = text.strip()
+    if text.startswith("linspace:"):
+        parts = text.split(":")[1:]
+        try:
+            start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+            if len(parts) != 3 or num < 1:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise UserError(f"{flag}: {text!r} is not linspace:START:STOP:N with N >= 1, e.g. linspace:0:1:9") from None
+        values = [start + (stop - start) * i / max(num - 1, 1) for i in range(num)] if num > 1 else [start]
+        values = [round(v, 10) for v in values]
+    else:
+        parts = [p.strip() for p in text.split(",")]
+        if not text or any(not p for p in parts):
+            raise UserError(f"{flag}: {text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise UserError(f"{flag}: {text!r} holds a value that is not a number") from None
+    bad = [v for v in values if not lo <= v <= hi]
     if bad:
-        raise UserError(f"--alphas: every alpha must be in [0, 1], got {bad}")
+        raise UserError(f"{flag}: every value must be in [{lo:g}, {hi:g}], got {bad}")
     if len(set(values)) != len(values):
-        raise UserError(f"--alphas: {text!r} repeats a value")
+        raise UserError(f"{flag}: {text!r} repeats a value")
     return values
 
 
-def point_name(alpha: float) -> str:
+def parse_alphas(text: str) -> list[float]:
+    """The alpha grid."""
+    return parse_grid(text, "--alphas")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]."""
+    try:
+        seeds = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds: {text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds: {text!r} repeats a seed")
+    return seeds
+
+
+def point_name(variable: str, value: float, seed: int) -> str:
     """Folder name of one point."""
-    return f"alpha-{alpha:g}"
+    return f"{variable}-{value:g}-seed{seed}"
+
+
+def default_workers(n_points: int) -> int:
+    """Every core busy, none oversubscribed: one worker per core, at most one per point."""
+    return max(1, min(n_points, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- the sweep
 
 
 def sweep_alpha(cfg: Any, alphas: list[float] | None = None, *, runs_dir: str | Path = "runs",
-                resume: str | Path | None = None, progress: bool = True, log: Any = print) -> Path:
-    """Run (or finish) an alpha sweep and write its results; returns the sweep folder."""
+                resume: str | Path | None = None, seeds: list[int] | None = None, betas: list[float] | None = None,
+                workers: int | None = None, mode: str = "exact", backend: str = "local", ray_address: str | None = None,
+                compare: str | Path | None = None, progress: bool = True, log: Any = print) -> Path:
+    """Run (or finish) a sweep and write its results; returns the sweep folder.
+
+    Raises UserError (exit 2) for bad input and SweepFailed (exit 1) when some point failed.
+    """
     from llmcli.config import validate_config
     from llmcli.runs import create_run_dir
 
     if resume is not None:
         sweep_dir = Path(resume)
         state = read_json(sweep_dir / "sweep.json", "sweep state (is this a sweep folder?)")
+        if "variable" not in state:
+            raise UserError(f"{sweep_dir / 'sweep.json'}: not a sweep state file (no 'variable')")
         cfg = validate_config(state["config"], str(sweep_dir / "sweep.json"))
-        alphas = state["alphas"]
     else:
-        if "alpha" not in type(cfg.objective).model_fields:
-            raise UserError(f"objective.name: sweep-alpha needs an objective with an alpha (weighted), "
-                            f"not {cfg.objective.name!r}")
-        alphas = alphas if alphas is not None else list(cfg.sweep.alphas)
+        state = _new_state(cfg, alphas, betas, seeds, mode)
+        if compare is not None:
+            if not (Path(compare) / "sweep.json").is_file():
+                raise UserError(f"--compare: {compare} is not a sweep folder (no sweep.json)")
+            state["compare_with"] = str(compare)
         sweep_dir = create_run_dir(Path(runs_dir), cfg.name, prefix="sweep-")
-        atomic_write_json(sweep_dir / "sweep.json", {"alphas": alphas, "config": cfg.model_dump(mode="json"),
-                                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    rows = []
-    for i, alpha in enumerate(alphas, 1):
-        log(f"sweep: point {i}/{len(alphas)}: alpha={alpha:g}")
-        rows.append(_run_point(cfg, alpha, sweep_dir, progress, log))
-        _write_results(sweep_dir, rows)
-    _write_results(sweep_dir, rows, final=True)
+        atomic_write_json(sweep_dir / "sweep.json", state)
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend: {backend!r} is not allowed (local or ray)")
+    if backend == "ray":
+        _check_ray()
+    if state["mode"] == "conditioned":
+        from llmcli.conditioned import run_conditioned
+
+        run_conditioned(cfg, state, sweep_dir, progress=progress, log=log)
+    else:
+        points = [(v, s) for v in state["grid"] for s in state["seeds"]]
+        todo = [p for p in points if not _finished(sweep_dir / point_name(state["variable"], *p))]
+        for p in points:
+            if p not in todo:
+                log(f"sweep: {point_name(state['variable'], *p)} already finished, skipped")
+        n = workers or default_workers(len(todo))
+        if n < 1:
+            raise UserError(f"--workers: must be >= 1, got {n}")
+        if todo:
+            runner = _run_ray if backend == "ray" else _run_local
+            runner(cfg, state, sweep_dir, todo, n, log, ray_address)
+    rows = collect_rows(sweep_dir, state)
+    write_results(sweep_dir, state, rows)
     failed = [r for r in rows if r["status"] != "completed"]
     log(f"sweep: {len(rows) - len(failed)}/{len(rows)} points completed: {sweep_dir}")
     if failed:
-        raise UserError(f"sweep: {len(failed)} point(s) failed: "
-                        + "; ".join(f"alpha={r['alpha']:g}: {r['error']}" for r in failed))
+        raise SweepFailed(sweep_dir, failed)
     return sweep_dir
 
 
-def _run_point(cfg: Any, alpha: float, sweep_dir: Path, progress: bool, log: Any) -> dict[str, Any]:
+class SweepFailed(Exception):
+    """Some points failed; the others completed and the results are written."""
+
+    def __init__(self, sweep_dir: Path, failed: list[dict[str, Any]]) -> None:
+        self.sweep_dir = sweep_dir
+        lines = "; ".join(f"{r['run']}: {r['error']}" for r in failed)
+        super().__init__(f"sweep: {len(failed)} point(s) failed ({lines}); re-run them with --resume {sweep_dir}")
+
+
+def _new_state(cfg: Any, alphas: list[float] | None, betas: list[float] | None, seeds: list[int] | None,
+               mode: str) -> dict[str, Any]:
+    fields = type(cfg.objective).model_fields
+    if mode not in ("exact", "conditioned"):
+        raise UserError(f"--mode: {mode!r} is not allowed (exact or conditioned)")
+    if betas is not None:
+        if alphas is not None:
+            raise UserError("--betas: sweep alpha or beta, not both")
+        if "beta" not in fields:
+            raise UserError(f"objective.name: --betas sweeps the bound of the constrained objective, "
+                            f"not {cfg.objective.name!r}")
+        if mode == "conditioned":
+            raise UserError("--mode: conditioned mode sweeps alpha, not beta")
+        variable, grid = "beta", betas
+    else:
+        if "alpha" not in fields:
+            raise UserError(f"objective.name: sweep-alpha needs an objective with an alpha (weighted), "
+                            f"not {cfg.objective.name!r}")
+        variable, grid = "alpha", alphas if alphas is not None else list(cfg.sweep.alphas)
+    return {"mode": mode, "variable": variable, "grid": grid, "seeds": seeds or [cfg.seed],
+            "config": cfg.model_dump(mode="json"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _finished(point: Path) -> bool:
+    status = point / "status.json"
+    return status.is_file() and json.loads(status.read_text()).get("status") == "completed" \
+        and (point / "eval" / "test.json").is_file()
+
+
+def point_config(cfg: Any, variable: str, value: float, seed: int, threads: int | None) -> Any:
+    """The base config with this point's alpha/beta, seed and thread count."""
+    objective = cfg.objective.model_copy(update={variable: value})
+    train = cfg.train.model_copy(update={"threads": threads}) if threads else cfg.train
+    return cfg.model_copy(update={"objective": objective, "train": train, "seed": seed,
+                                  "name": f"{cfg.name}-{variable[0]}{value:g}-s{seed}"})
+
+
+def run_point(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
+    """Train and evaluate one point in this process; write status.json either way (the worker body)."""
+    from llmcli.config import validate_config
     from llmcli.evaluate import evaluate
     from llmcli.train import train
 
-    point = sweep_dir / point_name(alpha)
-    done = point / "eval" / "test.json"
-    meta = point / "meta.json"
-    if done.is_file() and meta.is_file() and read_json(meta).get("status") == "completed":
-        log(f"sweep: alpha={alpha:g} already finished, skipped")
-        return _row(alpha, read_json(done), read_json(meta).get("wall_s"), point)
-    if point.exists():  # an unfinished attempt: keep it aside rather than delete it
-        n = 1
-        while point.with_name(f"{point.name}.attempt{n}").exists():
-            n += 1
-        point.rename(point.with_name(f"{point.name}.attempt{n}"))
-    point_cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"alpha": alpha}),
-                                       "name": f"{cfg.name}-a{alpha:g}"})
+    pdir = Path(sweep_dir) / point
     t0 = time.perf_counter()
     try:
-        point.mkdir(parents=True)
-        train(point_cfg, run_dir=point, progress=progress, log=log)
-        result = evaluate(point, split="test", log=log)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # one failed point must not stop the sweep
-        last = str(exc).splitlines()[-1] if str(exc) else traceback.format_exc().splitlines()[-1]
-        log(f"sweep: alpha={alpha:g} failed: {last}")
-        return {"alpha": alpha, "status": "failed", "error": last, "run": point.name}
-    wall = round(time.perf_counter() - t0, 2)
-    from llmcli.runs import update_meta
-
-    update_meta(point, wall_s=wall)
-    return _row(alpha, result, wall, point)
+        cfg = validate_config(cfg_json, point)
+        train(cfg, run_dir=pdir, progress=False, log=lambda m: None)
+        train_wall = round(time.perf_counter() - t0, 2)
+        evaluate(pdir, split="test", log=lambda m: None)
+    except BaseException as exc:  # the point fails; the sweep goes on
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        atomic_write_json(pdir / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {last}",
+                                                 "wall_s": round(time.perf_counter() - t0, 2)})
+        raise SystemExit(1) from None
+    atomic_write_json(pdir / "status.json", {"status": "completed", "wall_s": round(time.perf_counter() - t0, 2),
+                                             "train_wall_s": train_wall})
 
 
-def _row(alpha: float, result: dict[str, Any], wall: float | None, point: Path) -> dict[str, Any]:
+def _child(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
+    _die_with_parent()
+    run_point(cfg_json, point, sweep_dir)
+
+
+def _die_with_parent() -> None:
+    """Linux: if the sweep process is killed, its workers die too (no orphan writing into a point)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _prepare_point(sweep_dir: Path, name: str) -> Path:
+    """A fresh folder for a point; an unfinished earlier attempt is kept aside, never deleted."""
+    pdir = sweep_dir / name
+    if pdir.exists():
+        n = 1
+        while pdir.with_name(f"{name}.attempt{n}").exists():
+            n += 1
+        pdir.rename(pdir.with_name(f"{name}.attempt{n}"))
+    pdir.mkdir()
+    return pdir
+
+
+def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[float, int]], workers: int,
+               log: Any, _address: str | None) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log(f"sweep: {len(todo)} point(s), {workers} worker(s) x {threads} thread(s)")
+    queue = list(todo)
+    running: dict[str, Any] = {}
+    done = 0
+    while queue or running:
+        while queue and len(running) < workers:
+            value, seed = queue.pop(0)
+            name = point_name(state["variable"], value, seed)
+            _prepare_point(sweep_dir, name)
+            pcfg = point_config(cfg, state["variable"], value, seed, threads).model_dump(mode="json")
+            proc = ctx.Process(target=_child, args=(pcfg, name, str(sweep_dir)), daemon=False)
+            proc.start()
+            running[name] = proc
+        time.sleep(0.2)
+        for name, proc in list(running.items()):
+            if proc.is_alive():
+                continue
+            proc.join()
+            del running[name]
+            done += 1
+            status = sweep_dir / name / "status.json"
+            if proc.exitcode and proc.exitcode < 0 and not status.is_file():
+                atomic_write_json(status, {"status": "failed", "error": f"worker killed by signal {-proc.exitcode}"})
+            info = json.loads(status.read_text()) if status.is_file() else {"status": "failed", "error": "no status"}
+            log(f"sweep: [{done}/{len(todo)}] {name}: {info['status']}"
+                + (f" ({info.get('error')})" if info["status"] != "completed" else f" in {info.get('wall_s')} s"))
+
+
+def _check_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--backend: ray is not installed; pip install 'llmcli[ray]'") from None
+
+
+def _run_ray(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[float, int]], workers: int,
+             log: Any, address: str | None) -> None:
+    import ray
+
+    import llmcli
+
+    # A local instance gets this process's llmcli on its workers' path; a cluster's nodes must have
+    # llmcli installed (pip install 'llmcli[ray]') and see the sweep folder (shared storage).
+    local_env = {"env_vars": {"PYTHONPATH": str(Path(llmcli.__file__).resolve().parents[1])}}
+    ray.init(address=address, num_cpus=None if address else (os.cpu_count() or 1), include_dashboard=False,
+             ignore_reinit_error=True, log_to_driver=False, runtime_env=None if address else local_env)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+    remote = ray.remote(num_cpus=cpus, max_retries=0)(_ray_point)
+    refs = {}
+    for value, seed in todo:
+        name = point_name(state["variable"], value, seed)
+        _prepare_point(sweep_dir, name)
+        pcfg = point_config(cfg, state["variable"], value, seed, cpus).model_dump(mode="json")
+        refs[remote.remote(pcfg, name, str(sweep_dir))] = name
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        name = refs[ready[0]]
+        try:
+            ray.get(ready[0])
+        except Exception as exc:  # a task that died without writing its status
+            status = sweep_dir / name / "status.json"
+            if not status.is_file():
+                atomic_write_json(status, {"status": "failed", "error": str(exc).strip().splitlines()[-1]})
+        log(f"sweep: {name}: {json.loads((sweep_dir / name / 'status.json').read_text())['status']}")
+
+
+def _ray_point(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
+    try:
+        run_point(cfg_json, point, sweep_dir)
+    except SystemExit:
+        pass  # the failure is in status.json
+
+
+# ---------------------------------------------------------------- results
+
+
+def _summarise_eval(result: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     dom = result["domains"]
@@ -125,11 +338,46 @@ def _row(alpha: float, result: dict[str, Any], wall: float | None, point: Path) 
         vals = [r[key] for r in rows if key in r]
         return float(np.mean(vals)) if vals else None
 
-    return {"alpha": alpha, "status": "completed", "acc_in": mean(ind, "acc"), "macro_f1_in": mean(ind, "macro_f1"),
-            "acc_ood": mean(ood, "acc"), "macro_f1_ood": mean(ood, "macro_f1"),
-            "gap_acc": result["gap"].get("mean", {}).get("gap_acc"), "ppl_in": mean(ind, "ppl"),
-            "lm_loss_in": mean(ind, "lm_loss"), "task_loss_in": mean(ind, "task_loss"), "ppl_ood": mean(ood, "ppl"),
-            "wall_s": wall, "run": point.name, "error": ""}
+    return {"acc_in": mean(ind, "acc"), "macro_f1_in": mean(ind, "macro_f1"), "acc_ood": mean(ood, "acc"),
+            "macro_f1_ood": mean(ood, "macro_f1"), "gap_acc": result["gap"].get("mean", {}).get("gap_acc"),
+            "ppl_in": mean(ind, "ppl"), "ppl_ood": mean(ood, "ppl"), "lm_loss_in": mean(ind, "lm_loss"),
+            "task_loss_in": mean(ind, "task_loss")}
+
+
+def _mean_grad_cosine(run: Path) -> float | None:
+    vals = [r["grad_cosine"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "grad_cosine" in r]
+    return sum(vals) / len(vals) if vals else None
+
+
+def collect_rows(sweep_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per point (exact) or grid value (conditioned), rebuilt from the folders on disk."""
+    var = state["variable"]
+    rows = []
+    if state["mode"] == "conditioned":
+        run = sweep_dir / "conditioned"
+        for v in state["grid"]:
+            f = run / "eval" / f"test-alpha-{v:g}.json"
+            base = {"mode": "conditioned", "variable": var, "value": v, "seed": state["seeds"][0], "run": run.name}
+            if f.is_file():
+                rows.append({**base, "status": "completed", **_summarise_eval(read_json(f)),
+                             "grad_cosine": _mean_grad_cosine(run), "wall_s": read_json(run / "status.json").get("wall_s")})
+            else:
+                rows.append({**base, "status": "missing", "error": "not evaluated"})
+        return rows
+    for v in state["grid"]:
+        for s in state["seeds"]:
+            name = point_name(var, v, s)
+            pdir = sweep_dir / name
+            base = {"mode": "exact", "variable": var, "value": v, "seed": s, "run": name}
+            status = read_json(pdir / "status.json") if (pdir / "status.json").is_file() else None
+            if status and status["status"] == "completed":
+                rows.append({**base, "status": "completed", **_summarise_eval(read_json(pdir / "eval" / "test.json")),
+                             "grad_cosine": _mean_grad_cosine(pdir), "wall_s": status.get("wall_s"), "error": ""})
+            else:
+                rows.append({**base, "status": status["status"] if status else "missing",
+                             "error": status.get("error", "") if status else "never ran or was interrupted"})
+    return rows
 
 
 def pareto_mask(points: list[tuple[float, float]]) -> list[bool]:
@@ -137,46 +385,98 @@ def pareto_mask(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points) for p in points]
 
 
-def _write_results(sweep_dir: Path, rows: list[dict[str, Any]], final: bool = False) -> None:
-    ok = [r for r in rows if r["status"] == "completed"]
-    front = pareto_mask([(r["lm_loss_in"], r["task_loss_in"]) for r in ok])
-    for r, f in zip(ok, front):
-        r["pareto"] = f
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds per value (completed rows only)."""
+    import numpy as np
+
+    out = []
+    for v in dict.fromkeys(r["value"] for r in rows):
+        group = [r for r in rows if r["value"] == v and r["status"] == "completed"]
+        if not group:
+            continue
+        agg: dict[str, Any] = {"value": v, "n": len(group)}
+        for k in ("acc_in", "acc_ood", "gap_acc", "ppl_in", "ppl_ood", "lm_loss_in", "task_loss_in", "grad_cosine"):
+            vals = [r[k] for r in group if r.get(k) is not None]
+            agg[k] = float(np.mean(vals)) if vals else None
+            agg[f"{k}_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by the points (both minimised) up to the reference point (pymoo)."""
+    import numpy as np
+    from pymoo.indicators.hv import HV
+
+    inside = [p for p in points if p[0] < ref[0] and p[1] < ref[1]]
+    return float(HV(ref_point=np.array(ref))(np.array(inside))) if inside else 0.0
+
+
+def reference_point(aggs: list[list[dict[str, Any]]]) -> tuple[float, float]:
+    """10 % beyond the worst lm_loss and task_loss seen in any of the fronts compared."""
+    pts = [(a["lm_loss_in"], a["task_loss_in"]) for agg in aggs for a in agg]
+    return (max(p[0] for p in pts) * 1.1, max(p[1] for p in pts) * 1.1)
+
+
+def write_results(sweep_dir: Path, state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """results.csv, pareto.png and summary.md from the rows (and the other mode's rows, if present)."""
+    agg = aggregate(rows)
+    front = dict(zip([a["value"] for a in agg], pareto_mask([(a["lm_loss_in"], a["task_loss_in"]) for a in agg])))
+    for r in rows:
+        r["pareto"] = front.get(r["value"]) if r["status"] == "completed" else ""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(sweep_dir / "results.csv", buf.getvalue())
-    if final and ok:
-        _plot(sweep_dir, ok)
-        atomic_write_text(sweep_dir / "summary.md", _summary(sweep_dir, rows, ok))
+    if not agg:
+        return
+    other = _other_mode(sweep_dir, state)
+    ref = reference_point([agg] + ([other] if other else []))
+    _plot(sweep_dir, state, agg, other)
+    atomic_write_text(sweep_dir / "summary.md", _summary(sweep_dir, state, rows, agg, ref, other))
 
 
-def _plot(sweep_dir: Path, ok: list[dict[str, Any]]) -> None:
+def _other_mode(sweep_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The conditioned front beside an exact sweep, or the reverse, when `compare_with` names one."""
+    other = state.get("compare_with")
+    if not other or not (Path(other) / "sweep.json").is_file():
+        return None
+    ostate = read_json(Path(other) / "sweep.json")
+    return aggregate(collect_rows(Path(other), ostate)) or None
+
+
+def _plot(sweep_dir: Path, state: dict[str, Any], agg: list[dict[str, Any]], other: list[dict[str, Any]] | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    var = "α" if state["variable"] == "alpha" else "β"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     panels = (("acc_in", "ppl_in", "in-domain"), ("acc_ood", "ppl_ood", "out-of-domain (mean)"))
+    series = [(agg, state["mode"], "C0")] + ([(other, "conditioned" if state["mode"] == "exact" else "exact", "C3")]
+                                           if other else [])
     for ax, (acc, ppl, title) in zip(axes, panels):
-        pts = [(r[ppl], -r[acc]) for r in ok if r[acc] is not None]
-        rows = [r for r in ok if r[acc] is not None]
-        front = pareto_mask(pts)
-        for r, f in zip(rows, front):
-            ax.scatter(r[ppl], r[acc], color="C0" if f else "0.7", zorder=3, s=40)
-            ax.annotate(f"α={r['alpha']:g}", (r[ppl], r[acc]), textcoords="offset points", xytext=(5, 5), fontsize=9)
-        fr = sorted((r for r, f in zip(rows, front) if f), key=lambda r: r[ppl])
-        ax.plot([r[ppl] for r in fr], [r[acc] for r in fr], color="C0", lw=1.5, label="Pareto front")
+        for data, label, color in series:
+            rows = [a for a in data if a[acc] is not None]
+            front = pareto_mask([(a[ppl], -a[acc]) for a in rows])
+            for a, f in zip(rows, front):
+                ax.errorbar(a[ppl], a[acc], xerr=a[f"{ppl}_std"] or None, yerr=a[f"{acc}_std"] or None,
+                            fmt="o", color=color if f else "0.7", zorder=3, ms=6, capsize=3)
+                if label == state["mode"]:
+                    ax.annotate(f"{var}={a['value']:g}", (a[ppl], a[acc]), textcoords="offset points",
+                                xytext=(5, 5), fontsize=8)
+            fr = sorted((a for a, f in zip(rows, front) if f), key=lambda a: a[ppl])
+            ax.plot([a[ppl] for a in fr], [a[acc] for a in fr], color=color, lw=1.5, label=f"{label} front")
         ax.set_xscale("log")
         ax.set_xlabel("perplexity (lower is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("task accuracy (higher is better)")
-    axes[0].legend()
-    fig.suptitle(f"L vs T trade-off over α: {sweep_dir.name}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"L vs T trade-off over {var} ({state['mode']}; grey = dominated): {sweep_dir.name}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -184,33 +484,55 @@ def _plot(sweep_dir: Path, ok: list[dict[str, Any]]) -> None:
     atomic_write_bytes(sweep_dir / "pareto.png", buf.getvalue())
 
 
-def _summary(sweep_dir: Path, rows: list[dict[str, Any]], ok: list[dict[str, Any]]) -> str:
+def _f(x: Any, std: Any = None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4f}" + (f" ± {std:.4f}" if std else "")
+
+
+def _summary(sweep_dir: Path, state: dict[str, Any], rows: list[dict[str, Any]], agg: list[dict[str, Any]],
+             ref: tuple[float, float], other: list[dict[str, Any]] | None) -> str:
+    var = state["variable"]
+
     def best(key: str, high: bool) -> str:
-        cand = [r for r in ok if r.get(key) is not None]
+        cand = [a for a in agg if a.get(key) is not None]
         if not cand:
             return "-"
-        r = (max if high else min)(cand, key=lambda r: r[key])
-        return f"α={r['alpha']:g} ({key} = {r[key]:.4g})"
+        a = (max if high else min)(cand, key=lambda a: a[key])
+        return f"{var}={a['value']:g} ({key} = {a[key]:.4g})"
 
+    pts = [(a["lm_loss_in"], a["task_loss_in"]) for a in agg]
+    front_pts = [p for p, f in zip(pts, pareto_mask(pts)) if f]
+    hv = hypervolume(front_pts, ref)
+    ok = sum(r["status"] == "completed" for r in rows)
     lines = [f"# Sweep {sweep_dir.name}", "",
-             f"{len(ok)}/{len(rows)} points completed. Pareto front on (in-domain lm_loss, task_loss): "
-             + ", ".join(f"α={r['alpha']:g}" for r in ok if r.get("pareto")) + ".", "",
-             "| goal | best α |", "| --- | --- |",
-             f"| in-domain accuracy | {best('acc_in', True)} |",
-             f"| out-of-domain accuracy | {best('acc_ood', True)} |",
-             f"| in-domain perplexity | {best('ppl_in', False)} |",
-             f"| smallest OOD gap (acc) | {best('gap_acc', False)} |", "",
-             "| α | status | acc in | acc OOD | gap_acc | ppl in | ppl OOD | Pareto |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["status"] == "completed":
-            cells = " | ".join(_f(r.get(k)) for k in ("acc_in", "acc_ood", "gap_acc", "ppl_in", "ppl_ood"))
-            lines.append(f"| {r['alpha']:g} | completed | {cells} | {'yes' if r.get('pareto') else ''} |")
-        else:
-            lines.append(f"| {r['alpha']:g} | failed: {r['error']} | | | | | | |")
+             f"Mode: {state['mode']}; {var} grid: {', '.join(f'{v:g}' for v in state['grid'])}; "
+             f"seeds: {', '.join(map(str, state['seeds']))}. {ok}/{len(rows)} points completed.", "",
+             "Pareto front on (in-domain lm_loss, task_loss), both minimised, seed means: "
+             + ", ".join(f"{var}={a['value']:g}" for a, p in zip(agg, pareto_mask(pts)) if p) + ".",
+             f"Hypervolume of that front: **{hv:.4f}** (pymoo, reference point lm_loss = {ref[0]:.4f}, "
+             f"task_loss = {ref[1]:.4f}: 10 % beyond the worst value seen).", ""]
+    if other:
+        opts = [(a["lm_loss_in"], a["task_loss_in"]) for a in other]
+        ohv = hypervolume([p for p, f in zip(opts, pareto_mask(opts)) if f], ref)
+        other_mode = "conditioned" if state["mode"] == "exact" else "exact"
+        share = hv / ohv if state["mode"] == "conditioned" and ohv else (ohv / hv if hv else 0.0)
+        lines += [f"The {other_mode} front of {state['compare_with']} has hypervolume {ohv:.4f} against the same "
+                  f"reference point; conditioned / exact = **{share:.1%}**.", ""]
+    lines += ["| goal | best |", "| --- | --- |",
+              f"| in-domain accuracy | {best('acc_in', True)} |",
+              f"| out-of-domain accuracy | {best('acc_ood', True)} |",
+              f"| in-domain perplexity | {best('ppl_in', False)} |",
+              f"| smallest OOD gap (acc) | {best('gap_acc', False)} |", "",
+              f"| {var} | seeds | acc in | acc OOD | gap_acc | ppl in | ppl OOD | grad_cosine |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for a in agg:
+        cells = " | ".join(_f(a[k], a[f"{k}_std"]) for k in ("acc_in", "acc_ood", "gap_acc", "ppl_in", "ppl_ood",
+                                                              "grad_cosine"))
+        lines.append(f"| {a['value']:g} | {a['n']} | {cells} |")
+    failed = [r for r in rows if r["status"] != "completed"]
+    if failed:
+        lines += ["", "Failed or missing points (re-run with `--resume`):", ""]
+        lines += [f"- {r['run']}: {r['status']}: {r.get('error', '')}" for r in failed]
     lines += ["", "![Pareto front](pareto.png)", ""]
     return "\n".join(lines)
-
-
-def _f(x: Any) -> str:
-    return "-" if x is None else f"{x:.4f}"

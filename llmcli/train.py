@@ -42,6 +42,8 @@ class Session:
                                  max_len=cfg.data.max_len).to(self.device)
         self.task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes)
         self.objective = registry("objective").build(cfg.objective)
+        if hasattr(self.objective, "wrap_model"):  # objectives that add layers (conditioned) do it before the optimiser
+            self.objective.wrap_model(self.model)
         decay, no_decay = self.model.decay_groups()
         self.optimizer = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay)
         self.scheduler = registry("schedule").build(cfg.schedule, optimizer=self.optimizer,
@@ -61,6 +63,8 @@ class Session:
         from llmcli.metrics import score
 
         records = []
+        if hasattr(self.objective, "prepare"):
+            self.objective.prepare(self.model, None)
         for d, idx in self.val_idx.items():
             if len(idx):
                 m = score(self.model, self.data, idx, self.cfg.eval.batch_size, self.task_loss, self.device)
@@ -149,6 +153,8 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
         while step < tc.steps:
             idx = sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, step * tc.batch_size, tc.batch_size)]
             batch = sess.data.batch(idx)
+            if hasattr(sess.objective, "prepare"):
+                sess.objective.prepare(model, step)
             out = model.losses(_to(batch, sess.device), sess.task_loss)
             sess.optimizer.zero_grad(set_to_none=True)
             logs = sess.objective.backward(out["lm_loss"], out["task_loss"], shared, step)

@@ -1,16 +1,35 @@
-"""`sweep-alpha`: one run per alpha, results, plot, summary, resume."""
+"""`sweep-alpha`: grids, seeds, parallel points, fault isolation, resume, results, the conditioned mode."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from llmcli.errors import UserError
-from llmcli.sweep import pareto_mask, parse_alphas, sweep_alpha
+from llmcli.sweep import (
+    SweepFailed,
+    hypervolume,
+    pareto_mask,
+    parse_grid,
+    parse_seeds,
+    point_name,
+    run_point,
+    sweep_alpha,
+)
+
+from .conftest import TINY
 
 QUIET = {"progress": False, "log": lambda m: None}
+FAST = ("train.steps=10", "train.eval_every=10", "train.log_every=5")
 
 
 def rows(sweep_dir):
@@ -18,54 +37,188 @@ def rows(sweep_dir):
         return list(csv.DictReader(f))
 
 
-def test_sweep_writes_one_run_per_alpha_and_the_summary(tiny, tmp_path):
-    sweep = sweep_alpha(tiny("train.steps=10", "train.eval_every=10"), [0.0, 0.5, 1.0], runs_dir=tmp_path, **QUIET)
+def test_exact_sweep_writes_one_run_per_point_and_the_summary(tiny, tmp_path):
+    sweep = sweep_alpha(tiny(*FAST), [0.0, 0.5, 1.0], runs_dir=tmp_path, workers=2, **QUIET)
     assert sweep.name.startswith("sweep-")
     table = rows(sweep)
-    assert [float(r["alpha"]) for r in table] == [0.0, 0.5, 1.0]
-    assert all(r["status"] == "completed" for r in table)
+    assert [float(r["value"]) for r in table] == [0.0, 0.5, 1.0]
+    assert all(r["status"] == "completed" and r["variable"] == "alpha" for r in table)
     for r in table:
         point = sweep / r["run"]
+        cfg = yaml.safe_load((point / "config.yaml").read_text())
+        assert cfg["objective"]["alpha"] == float(r["value"]) and cfg["train"]["threads"] >= 1
         assert (point / "eval" / "test.json").is_file()
-        cfg_alpha = json.loads(json.dumps(__import__("yaml").safe_load((point / "config.yaml").read_text())))
-        assert cfg_alpha["objective"]["alpha"] == float(r["alpha"])
-        assert 0 <= float(r["acc_in"]) <= 1 and float(r["ppl_in"]) > 1
+        assert 0 <= float(r["acc_in"]) <= 1 and float(r["ppl_in"]) > 1 and r["pareto"] in ("True", "False")
     assert (sweep / "pareto.png").stat().st_size > 1000
     summary = (sweep / "summary.md").read_text()
-    assert "best α" in summary and "α=0.5" in summary
+    assert "Hypervolume" in summary and "reference point" in summary and "smallest OOD gap" in summary
 
 
-def test_resume_skips_finished_points(tiny, tmp_path):
-    cfg = tiny("train.steps=10", "train.eval_every=10")
-    sweep = sweep_alpha(cfg, [0.0, 1.0], runs_dir=tmp_path, **QUIET)
-    done = sweep / "alpha-0" / "checkpoints" / "last.safetensors"
-    stamp = done.stat().st_mtime_ns
-    # the second point is lost (as if the sweep had been killed while running it)
-    import shutil
+def test_seeds_give_a_row_per_point_and_seed_and_mean_std_in_the_summary(tiny, tmp_path):
+    sweep = sweep_alpha(tiny(*FAST), [0.0, 1.0], seeds=[0, 1], runs_dir=tmp_path, **QUIET)
+    table = rows(sweep)
+    assert [(float(r["value"]), int(r["seed"])) for r in table] == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
+    assert (sweep / point_name("alpha", 1.0, 1)).is_dir()
+    assert "±" in (sweep / "summary.md").read_text()
 
-    shutil.rmtree(sweep / "alpha-1" / "eval")
+
+def test_a_point_that_raises_is_recorded_and_does_not_stop_the_sweep(tiny, tmp_path):
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(SystemExit):
+        run_point({"model": {"name": "gpt", "n_head": 3, "d_model": 32}}, "bad", str(tmp_path))
+    status = json.loads((tmp_path / "bad" / "status.json").read_text())
+    assert status["status"] == "failed" and "divisible" in status["error"]
+
+
+def test_diverging_points_fail_with_their_error_and_the_sweep_reports_them(tiny, tmp_path):
+    cfg = tiny(*FAST, "optim.name=sgd", "optim.lr=1e12", "train.grad_clip=null")
+    with pytest.raises(SweepFailed) as e:
+        sweep_alpha(cfg, [0.5], runs_dir=tmp_path, workers=1, **QUIET)
+    table = rows(e.value.sweep_dir)
+    assert table[0]["status"] == "failed" and "NaN" in table[0]["error"]
+    assert "failed" in str(e.value) and "--resume" in str(e.value)
+
+
+def _spawn_sweep(tmp_path, processed_dir, *extra):
+    cmd = [sys.executable, "-m", "llmcli", "sweep-alpha", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+           *[a for f in FAST for a in ("--set", f)], "--runs-dir", str(tmp_path), "--no-progress", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def _sweep_dir(tmp_path):
+    return _wait_for(lambda: next(iter(tmp_path.glob("sweep-*")), None))
+
+
+def test_killed_worker_fails_its_point_only_and_resume_reruns_just_that_point(tmp_path, processed_dir):
+    proc = _spawn_sweep(tmp_path, processed_dir, "--alphas", "0,0.5,1", "--workers", "1")
+    sweep = _sweep_dir(tmp_path)
+    meta = sweep / point_name("alpha", 0.5, 0) / "meta.json"
+    pid = _wait_for(lambda: meta.is_file() and json.loads(meta.read_text()).get("pid"))
+    os.kill(pid, signal.SIGKILL)  # the worker of the second point dies (as under the OOM killer)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1 and "1 point(s) failed" in err
+    table = rows(sweep)
+    assert [r["status"] for r in table] == ["completed", "failed", "completed"]
+    assert "killed by signal 9" in table[1]["error"]
+    first = sweep / point_name("alpha", 0.0, 0) / "checkpoints" / "last.safetensors"
+    stamp = first.stat().st_mtime_ns
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    again = CliRunner().invoke(app, ["sweep-alpha", "--resume", str(sweep), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert [r["status"] for r in rows(sweep)] == ["completed"] * 3
+    assert first.stat().st_mtime_ns == stamp  # finished points are not re-run
+
+
+def test_sigkilled_sweep_resumes_without_rerunning_finished_points(tmp_path, processed_dir):
+    proc = _spawn_sweep(tmp_path, processed_dir, "--alphas", "0,1", "--workers", "1")
+    sweep = _sweep_dir(tmp_path)
+    status = sweep / point_name("alpha", 0.0, 0) / "status.json"
+    _wait_for(lambda: status.is_file())
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    first_ckpt = sweep / point_name("alpha", 0.0, 0) / "checkpoints" / "last.safetensors"
+    stamp = first_ckpt.stat().st_mtime_ns
     said = []
     sweep_alpha(None, resume=sweep, progress=False, log=said.append)
-    assert done.stat().st_mtime_ns == stamp
-    assert any("alpha=0 already finished" in s for s in said)
-    assert [r["status"] for r in rows(sweep)] == ["completed", "completed"]
-    assert (sweep / "alpha-1.attempt1").is_dir()  # the unfinished attempt is kept aside, not deleted
+    assert first_ckpt.stat().st_mtime_ns == stamp
+    assert any("alpha-0-seed0 already finished" in s for s in said)
+    table = rows(sweep)
+    assert sorted(float(r["value"]) for r in table) == [0.0, 1.0]
+    assert all(r["status"] == "completed" for r in table)
 
 
-@pytest.mark.parametrize("bad", ["", "0,,1", "0,x", "0,1.5", "-0.1", "0.5,0.5"])
+def test_conditioned_mode_trains_one_run_and_scores_every_alpha(tiny, tmp_path):
+    sweep = sweep_alpha(tiny("train.steps=30", "train.eval_every=30"), [0.0, 0.5, 1.0], mode="conditioned",
+                        runs_dir=tmp_path, **QUIET)
+    table = rows(sweep)
+    assert [r["mode"] for r in table] == ["conditioned"] * 3 and all(r["status"] == "completed" for r in table)
+    run = sweep / "conditioned"
+    assert yaml.safe_load((run / "config.yaml").read_text())["objective"]["name"] == "conditioned"
+    evals = [json.loads((run / "eval" / f"test-alpha-{a:g}.json").read_text()) for a in (0.0, 0.5, 1.0)]
+    # alpha reaches the model: the same weights score differently at different alphas
+    assert evals[0]["domains"]["kjv"]["lm_loss"] != evals[2]["domains"]["kjv"]["lm_loss"]
+    assert not list(tmp_path.glob("sweep-*/alpha-*"))  # no per-point runs
+
+
+def test_compare_overlays_the_other_front_and_reports_the_hypervolume_share(tiny, tmp_path):
+    exact = sweep_alpha(tiny(*FAST), [0.0, 1.0], runs_dir=tmp_path, **QUIET)
+    cond = sweep_alpha(tiny(*FAST), [0.0, 1.0], mode="conditioned", compare=exact, runs_dir=tmp_path, **QUIET)
+    assert "conditioned / exact =" in (cond / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["", "0,,1", "0,x", "0,1.5", "-0.1", "0.5,0.5", "linspace:0:1", "linspace:0:2:3"])
 def test_bad_alpha_grids(bad):
     with pytest.raises(UserError, match="--alphas"):
-        parse_alphas(bad)
+        parse_grid(bad, "--alphas")
 
 
-def test_parse_alphas():
-    assert parse_alphas("0, 0.25,1") == [0.0, 0.25, 1.0]
+def test_grids_and_seeds_parse():
+    assert parse_grid("0, 0.25,1") == [0.0, 0.25, 1.0]
+    assert parse_grid("linspace:0:1:5") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    with pytest.raises(UserError, match="--seeds"):
+        parse_seeds("0,a")
 
 
-def test_resume_of_a_folder_that_is_not_a_sweep(tmp_path):
-    with pytest.raises(UserError, match="sweep"):
+def test_bad_sweep_requests(tiny, tmp_path):
+    with pytest.raises(UserError, match="sweep state"):
         sweep_alpha(None, resume=tmp_path, **QUIET)
+    with pytest.raises(UserError, match="--betas"):
+        sweep_alpha(tiny(), betas=[0.5], runs_dir=tmp_path, **QUIET)
+    with pytest.raises(UserError, match="--mode"):
+        sweep_alpha(tiny(), [0.5], mode="fast", runs_dir=tmp_path, **QUIET)
+    with pytest.raises(UserError, match="--compare"):
+        sweep_alpha(tiny(), [0.5], compare=tmp_path, runs_dir=tmp_path, **QUIET)
 
 
-def test_pareto_mask_keeps_the_non_dominated_points():
+def test_ray_backend_without_ray_is_a_user_error(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(UserError, match="ray is not installed"):
+        sweep_alpha(tiny(), [0.5], backend="ray", runs_dir=tmp_path, **QUIET)
+
+
+def test_pareto_mask_and_hypervolume_known_answers():
     assert pareto_mask([(1, 5), (2, 2), (3, 3), (5, 1)]) == [True, True, False, True]
+    # two boxes against (3, 3): [1,3]x[2,3] and [2,3]x[1,3] overlap in [2,3]x[2,3] -> 2 + 2 - 1
+    assert hypervolume([(1, 2), (2, 1)], (3, 3)) == pytest.approx(3.0)
+    assert hypervolume([(4, 4)], (3, 3)) == 0.0
+
+
+def test_cli_bad_input_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    r = CliRunner()
+    for args in (["--alphas", "0,2"], ["--alphas", "linspace:0:1"], ["--workers", "0"], ["--seeds", "x"]):
+        res = r.invoke(app, ["sweep-alpha", str(TINY), *args])
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, args
+    assert r.invoke(app, ["sweep-alpha", "--resume", str(tmp_path)]).exit_code == 2
+    assert Path(TINY).is_file()
+
+
+def test_ray_backend_runs_points_and_resumes_like_local_workers(tiny, tmp_path):
+    pytest.importorskip("ray")
+    import ray
+
+    try:
+        sweep = sweep_alpha(tiny(*FAST), [0.0, 1.0], backend="ray", workers=2, runs_dir=tmp_path, **QUIET)
+        assert [r["status"] for r in rows(sweep)] == ["completed", "completed"]
+        stamp = (sweep / "alpha-0-seed0" / "status.json").stat().st_mtime_ns
+        sweep_alpha(None, resume=sweep, backend="ray", **QUIET)
+        assert (sweep / "alpha-0-seed0" / "status.json").stat().st_mtime_ns == stamp
+    finally:
+        ray.shutdown()

@@ -26,6 +26,7 @@ def load_trained(run_dir: Path, which: str = "best") -> Trained:
     from llmcli.checkpoint import load_checkpoint, restore_model
     from llmcli.data.tokenizers import TextTokenizer
     from llmcli.models.model import build_model
+    from llmcli.registry import registry
     from llmcli.runs import load_run_config
 
     run_dir = Path(run_dir)
@@ -40,6 +41,10 @@ def load_trained(run_dir: Path, which: str = "best") -> Trained:
     tensors, side = load_checkpoint(path)
     model = build_model(cfg.model, vocab_size=manifest["vocab_size"], n_classes=len(manifest["label_names"]),
                         max_len=cfg.data.max_len)
+    objective = registry("objective").build(cfg.objective)
+    if hasattr(objective, "wrap_model"):  # e.g. the conditioned objective's FiLM layers
+        objective.wrap_model(model)
+        objective.prepare(model, None)
     restore_model(model, tensors, path)
     model.eval()
     return Trained(cfg, model, TextTokenizer.load(run_dir / "tokenizer.json"), manifest, side)

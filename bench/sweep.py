@@ -1,0 +1,77 @@
+"""sweep-alpha figures on the default config: exact sweep wall vs one run, and the conditioned mode.
+
+Usage: python bench/sweep.py [--points 8] [--steps N]   (one JSON line per figure)
+  sweep_vs_one_run:      wall of an exact sweep with the default workers / wall of one point alone
+  conditioned_vs_one_run: wall of the conditioned (YOTO) run's training / wall of one point alone
+  conditioned_hv_share:  hypervolume of the conditioned front / the exact front's (same reference point)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ROOT, emit  # noqa: E402
+
+
+def main() -> None:
+    from llmcli.config import load_config
+    from llmcli.sweep import aggregate, collect_rows, default_workers, hypervolume, pareto_mask, reference_point, sweep_alpha
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--points", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="override train.steps (quick checks)")
+    args = ap.parse_args()
+    quiet = {"progress": False, "log": lambda m: None}
+    grid = [round(i / (args.points - 1), 6) for i in range(args.points)]
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = [f"data.processed_dir={ROOT / 'data' / 'processed'}"]
+        if args.steps:
+            sets += [f"train.steps={args.steps}", f"train.eval_every={args.steps}"]
+        cfg = load_config(ROOT / "configs" / "default.yaml", sets)
+        from llmcli.data.preprocess import preprocess
+
+        preprocess(cfg.data, log=lambda m: None)  # not part of any timing
+
+        t = time.perf_counter()
+        one_dir = sweep_alpha(cfg, [0.5], workers=1, runs_dir=f"{tmp}/one", **quiet)
+        one = time.perf_counter() - t
+        one_train = json.loads((one_dir / "alpha-0.5-seed0" / "status.json").read_text())["train_wall_s"]
+        emit("sweep_one_point_wall", one, "s", steps=cfg.train.steps, train_wall_s=one_train)
+
+        t = time.perf_counter()
+        exact = sweep_alpha(cfg, grid, runs_dir=f"{tmp}/exact", **quiet)
+        wall = time.perf_counter() - t
+        emit("sweep_exact_wall", wall, "s", points=len(grid), workers=default_workers(len(grid)))
+        emit("sweep_vs_one_run", wall / one, "x", points=len(grid), target=4.5)
+
+        cond = sweep_alpha(cfg, grid, mode="conditioned", compare=exact, runs_dir=f"{tmp}/cond", **quiet)
+        status = json.loads((cond / "conditioned" / "status.json").read_text())
+        emit("conditioned_train_wall", status["wall_s"], "s")
+        emit("conditioned_train_vs_one_run_train", status["wall_s"] / one_train, "x", target=1.3)
+        emit("conditioned_eval_wall", status["eval_wall_s"], "s", points=len(grid))
+        emit("conditioned_total_vs_one_run", (status["wall_s"] + status["eval_wall_s"]) / one, "x")
+
+        fronts = []
+        for d in (exact, cond):
+            agg = aggregate(collect_rows(d, json.loads((d / "sweep.json").read_text())))
+            fronts.append(agg)
+        ref = reference_point(fronts)
+        hv = []
+        for agg in fronts:
+            pts = [(a["lm_loss_in"], a["task_loss_in"]) for a in agg]
+            hv.append(hypervolume([p for p, f in zip(pts, pareto_mask(pts)) if f], ref))
+        emit("exact_hypervolume", hv[0], "", ref=list(ref))
+        emit("conditioned_hypervolume", hv[1], "", ref=list(ref))
+        emit("conditioned_hv_share", hv[1] / hv[0] if hv[0] else 0.0, "fraction", target=0.95)
+        for d in (exact, cond):
+            print((d / "summary.md").read_text(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
