@@ -87,11 +87,12 @@ def plot_lengths(hist: dict[str, list[int]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for sp, counts in hist.items():
-        if sum(counts):
-            ax.stairs(counts, np.arange(len(counts) + 1) - 0.5, label=f"{sp} ({sum(counts)} records)")
-    ax.set_xlabel("record length (tokens, BOS and EOS included)")
-    ax.set_ylabel("records")
-    ax.set_title("record lengths per split (records at the right edge were cut to data.max_len)")
+        n = sum(counts)
+        if n:  # shares, so that splits of different sizes compare
+            ax.stairs(np.asarray(counts) / n, np.arange(len(counts) + 1) - 0.5, label=f"{sp} ({n:,} records)")
+    ax.set_xlabel("tokens per record (BOS, EOS included; the last bin = cut to data.max_len)")
+    ax.set_ylabel("share of the split's records")
+    ax.set_title("record lengths per split")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -104,7 +105,7 @@ def stats_table(stats: dict[str, Any]) -> Any:
 
     table = Table(title=f"processed data ({stats['tokenizer']['name']} tokenizer, "
                         f"fallback rate {stats['tokenizer']['fallback_rate']:.2%})")
-    for col in ("split", "domain", "records", "tokens", "mean len", "bytes/token", "fallback", "cut"):
+    for col in ("split", "domain", "records", "tokens", "mean len", "B/token", "fallback", "cut"):
         table.add_column(col, justify="left" if col in ("split", "domain") else "right")
     for sp, doms in stats["splits"].items():
         for dom, c in doms.items():
@@ -121,3 +122,14 @@ def stats_table(stats: dict[str, Any]) -> Any:
     from rich.console import Group
 
     return Group(table, labels)
+
+
+def print_report(folder: Path) -> None:
+    """Print a processed folder's stats as rich tables on stderr (stdout keeps just the folder path)."""
+    import json
+
+    from rich.console import Console
+
+    path = Path(folder) / "stats.json"
+    if path.is_file():
+        Console(stderr=True).print(stats_table(json.loads(path.read_text(encoding="utf-8"))))
