@@ -9,6 +9,7 @@ field, what was given and what is allowed.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -437,7 +438,10 @@ def _dotted(data: Any, loc: tuple[Any, ...]) -> str:
         if isinstance(node, dict) and part not in node and node.get("name") == part:
             continue  # a union tag, not a key the user wrote
         path.append(str(part))
-        node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, list) and isinstance(part, int):  # an item of a list section (data.sources)
+            node = node[part] if part < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
     return ".".join(path)
 
 
@@ -447,6 +451,13 @@ def _parent_class(data: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
     path: list[str] = []
     for part in loc[:-1]:
         if isinstance(node, dict) and part not in node and node.get("name") == part:
+            continue
+        if isinstance(part, int) and ".".join(path) == "data.sources":  # one item of the list: a source component
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            entries = registry("source").entries
+            cls = entries[name].config if name in entries else None
+            path.append(str(part))
             continue
         path.append(str(part))
         node = node.get(part) if isinstance(node, dict) else None
@@ -467,7 +478,7 @@ def format_error(source: str, data: dict[str, Any], err: ValidationError) -> str
     """One line: file, dotted field, what was wrong, what is allowed."""
     e = err.errors()[0]
     path, parent = _dotted(data, e["loc"]), _parent_class(data, e["loc"])
-    kind = COMPONENT_FIELDS.get(path.removesuffix(".name"))
+    kind = COMPONENT_FIELDS.get(re.sub(r"^data\.sources\.\d+", "data.source", path.removesuffix(".name")))
     given = e.get("input")
     if e["type"] == "extra_forbidden":
         allowed = ", ".join(parent.model_fields) if parent else "see `llmcli schema`"

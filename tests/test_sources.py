@@ -196,3 +196,32 @@ def test_bad_data_is_one_line_naming_file_and_line_exit_2_nothing_written(tmp_pa
     assert re.search(message, errors[0]), errors[0]
     left = [p.name for p in (tmp_path / "p").iterdir()] if (tmp_path / "p").exists() else []
     assert all(n.endswith(".lock") for n in left), left
+
+
+@pytest.mark.parametrize(("sources", "message"), [
+    ([{"name": "jsonl", "path": "a", "txt_field": "x"}], r"data\.sources\.0\.txt_field: unknown key \(allowed here: path,"),
+    ([{"name": "jsonl", "path": "a"}, {"name": "jsonx"}], r"data\.sources\.1\.name: unknown source 'jsonx' \(valid: bible"),
+    ([{"name": "csv"}], r"data\.sources\.0\.path: Field required"),
+])
+def test_a_bad_item_of_data_sources_is_named_by_its_index(sources, message):
+    with pytest.raises(UserError, match=message):
+        validate_config({"data": {"sources": sources}})
+
+
+def test_source_and_sources_together_is_a_config_error():
+    with pytest.raises(UserError, match=r"data: give either `source` or `sources`"):
+        validate_config({"data": {"source": {"name": "csv", "path": "a"}, "sources": [{"name": "jsonl", "path": "b"}]}})
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the 0-class task head
+def test_an_unlabeled_corpus_trains_the_lm_alone(tmp_path, tiny):
+    from llmcli.train import train
+
+    f = tmp_path / "lm.txt"
+    f.write_text("".join(f"plain line {i} ö\n" for i in range(200)), encoding="utf-8")
+    cfg = tiny(f"data.source={{name: text, glob: '{f}'}}", "data.train_domains=null", "data.tokenizer={name: char}",
+               "train.steps=4", "train.eval_every=4", f"data.processed_dir={tmp_path / 'p'}")
+    run = train(cfg, runs_dir=tmp_path / "runs", progress=False, log=lambda m: None)
+    val = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val" and r["domain"] == "lm"]
+    assert val and np.isfinite(val[-1]["lm_loss"]) and "acc" not in val[-1]
