@@ -179,3 +179,9 @@ def test_holdout_domains_go_to_test_only(tmp_path):
 def test_a_domain_both_trained_on_and_held_out_is_a_config_error(tmp_path):
     with pytest.raises(UserError, match=r"data: domains \['x'\] are both trained on and held out"):
         jsonl_cfg(tmp_path, records(), train_domains=["x"], split={"holdout_domains": ["x"]})
+
+
+def test_the_default_train_domain_is_the_first_one_not_held_out(tmp_path):
+    cfg = jsonl_cfg(tmp_path, records(60), split={"val": 0.2, "test": 0.2, "holdout_domains": ["y"]})
+    data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
+    assert data.domains[0] == "y" and data.train_domains == ["x"]

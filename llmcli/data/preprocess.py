@@ -149,8 +149,9 @@ class Scan:
         """Scan every record; yield the texts the tokenizer trains on (train split of the train domains)."""
         for r in self.records():
             d = self.domains.setdefault(r.domain, len(self.domains))
-            if self.train_domains is None:
-                self.train_domains = [next(iter(self.domains))]
+            if self.train_domains is None:  # default: the first domain that is not held out
+                first = [x for x in self.domains if x not in self.cfg.split.holdout_domains][:1]
+                self.train_domains = first or None
             s = self._split(r)
             self.split.append(s)
             self.domain.append(d)
