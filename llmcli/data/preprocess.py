@@ -158,7 +158,7 @@ class Scan:
             self.label.append(self._label(r))
             self.group_key.append(_hash64(r.group))
             self.text_key.append(text_key(r.text))
-            if s == 0 and r.domain in self.train_domains:
+            if s == 0 and r.domain in (self.train_domains or ()):
                 self.n_train_texts += 1
                 yield r.text
 
@@ -276,6 +276,21 @@ def _flush(tok: Any, texts: list[str], idx: list[int], body: int, f: Any, offset
 # ---------------------------------------------------------------- the build
 
 
+def _check_scan(scan: Scan, tok: Any) -> tuple[list[str], list[str]]:
+    """Domains and train domains after the scan; unknown domains or an empty training split are errors."""
+    domains = list(scan.domains)
+    train_domains = scan.train_domains or domains[:1]
+    for field, given in (("train_domains", train_domains), ("split.holdout_domains", scan.cfg.split.holdout_domains)):
+        unknown = [d for d in given if d not in scan.domains]
+        if unknown:
+            raise UserError(f"data.{field}: {unknown} not in the data (domains: {', '.join(domains)})")
+    if scan.n_train_texts == 0:
+        raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
+    if tok.vocab_size > 65535:
+        raise UserError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token arrays")
+    return domains, train_domains
+
+
 def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     from llmcli.data.report import Accumulator, write_report
 
@@ -287,16 +302,7 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     tok = registry("tokenizer").build(data_cfg.tokenizer, texts=texts)
     for _ in texts:  # finish the scan if the tokenizer did not read everything (byte reads nothing)
         pass
-    domains = list(scan.domains)
-    train_domains = scan.train_domains or domains[:1]
-    for field, given in (("train_domains", train_domains), ("split.holdout_domains", data_cfg.split.holdout_domains)):
-        unknown = [d for d in given if d not in scan.domains]
-        if unknown:
-            raise UserError(f"data.{field}: {unknown} not in the data (domains: {', '.join(domains)})")
-    if scan.n_train_texts == 0:
-        raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
-    if tok.vocab_size > 65535:
-        raise UserError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token arrays")
+    domains, train_domains = _check_scan(scan, tok)
     arr = scan.arrays()
     keep, evidence = _leakage(scan, arr)
     label_names, labels = scan.label_names()
