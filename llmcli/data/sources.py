@@ -90,7 +90,7 @@ def _row_record(cfg: Any, row: Mapping[str, Any], path: Path, where: str, label:
 def _native_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
     """A label that must already be a string or an integer (JSON, Parquet)."""
     label = row.get(cfg.label_field) if cfg.label_field else None
-    if label is None or (isinstance(label, str) and not isinstance(label, bool)):
+    if label is None or isinstance(label, str):
         return label
     if isinstance(label, int) and not isinstance(label, bool):
         if label < 0:
