@@ -58,8 +58,11 @@ def preprocess(
 
     def body() -> None:
         from llmcli.data.preprocess import preprocess as run
+        from llmcli.data.report import print_report
 
-        typer.echo(run(_config(config, set_).data, log=_log))
+        out = run(_config(config, set_).data, log=_log)
+        print_report(out)
+        typer.echo(out)
 
     _guard(body)
 

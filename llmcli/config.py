@@ -9,11 +9,12 @@ field, what was given and what is allowed.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from llmcli.errors import UserError
 from llmcli.registry import _load_plugins, registry
@@ -46,12 +47,47 @@ class BibleSource(Strict):
         return v
 
 
-class JsonlSource(Strict):
+class TableFields(Strict):
+    """Column names shared by the table-like sources (jsonl, csv, parquet)."""
+
+    path: str
+    text_field: str = "text"
+    label_field: str | None = Field("label", description="column with the class (string or integer); null = unlabeled")
+    domain_field: str | None = Field("domain", description="column naming each record's domain (if `domain` is null)")
+    group_field: str | None = Field("group", description="column naming each record's split group; else one per record")
+    domain: str | None = Field(None, description="tag every record with this domain (wins over domain_field)")
+
+
+class JsonlSource(TableFields):
     """Records `{text, label?, domain?, group?}`, one JSON object per line."""
 
     name: Literal["jsonl"] = "jsonl"
-    path: str
-    domain: str = Field("default", description="domain of records that do not name one")
+
+
+class CsvSource(TableFields):
+    """A CSV file with a header row; labels are strings unless label_type is int."""
+
+    name: Literal["csv"] = "csv"
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    label_type: Literal["str", "int"] = "str"
+
+
+class ParquetSource(TableFields):
+    """A Parquet file (read in row batches with pyarrow); labels are strings or integers."""
+
+    name: Literal["parquet"] = "parquet"
+
+
+class TextSource(Strict):
+    """Plain-text files matched by a glob: one record per file, per line or per blank-line paragraph."""
+
+    name: Literal["text"] = "text"
+    glob: str = Field(..., description="files to read, e.g. corpus/**/*.txt (** recurses)")
+    unit: Literal["file", "line", "paragraph"] = "line"
+    domain: str | None = Field(None, description="domain of every record; null = from the file or folder name")
+    domain_from: Literal["file", "folder"] = Field("file", description="file stem or parent folder name as domain")
+    group_by: Literal["record", "file"] = Field("record", description="split unit: each record, or each whole file")
+    label: str | int | None = Field(None, description="class of every record; null = unlabeled (LM only)")
 
 
 class BPETokenizer(Strict):
@@ -62,12 +98,56 @@ class BPETokenizer(Strict):
     min_frequency: int = Field(2, ge=1)
 
 
+class CharTokenizer(Strict):
+    """One token per character seen in training (the most frequent vocab_size of them), plus <unk>."""
+
+    name: Literal["char"] = "char"
+    vocab_size: int = Field(1024, ge=5, le=65000, description="specials and <unk> included")
+    min_frequency: int = Field(1, ge=1)
+
+
+class ByteTokenizer(Strict):
+    """One token per UTF-8 byte: 256 + the specials; nothing to train."""
+
+    name: Literal["byte"] = "byte"
+
+
 class SplitConfig(Strict):
-    """Split by group (e.g. chapter): no group crosses train/val/test."""
+    """Split by group (e.g. chapter) from ratios and a seed, or take a fixed split from a field."""
 
     val: float = Field(0.1, ge=0.0, lt=1.0)
     test: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = 0
+    field: str | None = Field(None, description="take each record's split (train/val/test) from this field")
+    holdout_domains: list[str] = Field(default_factory=list, description="domains used for test only")
+    duplicates: Literal["drop", "error", "keep"] | None = Field(
+        None, description="exact duplicate texts across splits: drop the later-split copies, fail, or keep; "
+        "null = drop for ratio splits, error for a fixed split")
+
+
+class TokenDropout(Strict):
+    """Delete each body token with probability p."""
+
+    name: Literal["token_dropout"] = "token_dropout"
+    p: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class SpanDelete(Strict):
+    """With probability p delete one span of 1..max_span body tokens."""
+
+    name: Literal["span_delete"] = "span_delete"
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    max_span: int = Field(3, ge=1)
+
+
+class SwapAdjacent(Strict):
+    """Swap each pair of neighbouring body tokens with probability p."""
+
+    name: Literal["swap_adjacent"] = "swap_adjacent"
+    p: float = Field(0.1, ge=0.0, le=1.0)
+
+
+Augment = Annotated[Union[TokenDropout, SpanDelete, SwapAdjacent], Field(discriminator="name")]  # noqa: UP007
 
 
 # ---------------------------------------------------------------- model, losses, objectives
@@ -214,6 +294,17 @@ class DataBase(Strict):
     )
     max_len: int = Field(64, ge=4, le=4096, description="tokens per record (BOS included); longer ones are cut")
     processed_dir: str = Field("data/processed", description="where preprocessed data is cached")
+    augment: list[Augment] = Field(default_factory=list, description="training-time augmentations (train split only)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataBase:
+        if getattr(self, "sources", None) and "source" in self.model_fields_set:
+            if self.source != type(self).model_fields["source"].default_factory():  # type: ignore[attr-defined]
+                raise ValueError("give either `source` or `sources` (a list), not both")
+        both = set(self.train_domains or []) & set(self.split.holdout_domains)
+        if both:
+            raise ValueError(f"domains {sorted(both)} are both trained on and held out (split.holdout_domains)")
+        return self
 
 
 class ExperimentBase(Strict):
@@ -226,8 +317,18 @@ class ExperimentBase(Strict):
 # ---------------------------------------------------------------- built-in components
 
 _BUILTINS: dict[str, list[tuple[type, str]]] = {
-    "source": [(BibleSource, "llmcli.data.sources:bible_records"), (JsonlSource, "llmcli.data.sources:jsonl_records")],
-    "tokenizer": [(BPETokenizer, "llmcli.data.tokenizers:build_bpe")],
+    "source": [
+        (BibleSource, "llmcli.data.sources:bible_source"),
+        (JsonlSource, "llmcli.data.sources:jsonl_source"),
+        (CsvSource, "llmcli.data.sources:csv_source"),
+        (TextSource, "llmcli.data.sources:text_source"),
+        (ParquetSource, "llmcli.data.sources:parquet_source"),
+    ],
+    "tokenizer": [
+        (BPETokenizer, "llmcli.data.tokenizers:build_bpe"),
+        (CharTokenizer, "llmcli.data.tokenizers:build_char"),
+        (ByteTokenizer, "llmcli.data.tokenizers:build_byte"),
+    ],
     "model": [(GPTConfig, "llmcli.models.gpt:build_gpt")],
     "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy")],
     "objective": [(WeightedObjective, "llmcli.objectives:build_weighted"),
@@ -274,6 +375,8 @@ def experiment_model() -> type[BaseModel]:
         "DataConfig",
         __base__=DataBase,
         source=(_union("source"), _default("source", "bible")),
+        sources=(Optional[list[_union("source")]], Field(  # noqa: UP045 - runtime type
+            None, min_length=1, description="several sources, each tagged with its domain(s); replaces `source`")),
         tokenizer=(_union("tokenizer"), _default("tokenizer", "bpe")),
     )
     return create_model(
@@ -347,7 +450,10 @@ def _dotted(data: Any, loc: tuple[Any, ...]) -> str:
         if isinstance(node, dict) and part not in node and node.get("name") == part:
             continue  # a union tag, not a key the user wrote
         path.append(str(part))
-        node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, list) and isinstance(part, int):  # an item of a list section (data.sources)
+            node = node[part] if part < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
     return ".".join(path)
 
 
@@ -357,6 +463,13 @@ def _parent_class(data: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
     path: list[str] = []
     for part in loc[:-1]:
         if isinstance(node, dict) and part not in node and node.get("name") == part:
+            continue
+        if isinstance(part, int) and ".".join(path) == "data.sources":  # one item of the list: a source component
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            entries = registry("source").entries
+            cls = entries[name].config if name in entries else None
+            path.append(str(part))
             continue
         path.append(str(part))
         node = node.get(part) if isinstance(node, dict) else None
@@ -377,7 +490,7 @@ def format_error(source: str, data: dict[str, Any], err: ValidationError) -> str
     """One line: file, dotted field, what was wrong, what is allowed."""
     e = err.errors()[0]
     path, parent = _dotted(data, e["loc"]), _parent_class(data, e["loc"])
-    kind = COMPONENT_FIELDS.get(path.removesuffix(".name"))
+    kind = COMPONENT_FIELDS.get(re.sub(r"^data\.sources\.\d+", "data.source", path.removesuffix(".name")))
     given = e.get("input")
     if e["type"] == "extra_forbidden":
         allowed = ", ".join(parent.model_fields) if parent else "see `llmcli schema`"

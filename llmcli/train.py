@@ -153,6 +153,10 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
         while step < tc.steps:
             idx = sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, step * tc.batch_size, tc.batch_size)]
             batch = sess.data.batch(idx)
+            if cfg.data.augment:  # train split only; a pure function of (seed, step), so resume stays exact
+                from llmcli.data.augment import augment_batch
+
+                batch = augment_batch(batch, cfg.data.augment, cfg.seed, step, sess.data.pad_id)
             if hasattr(sess.objective, "prepare"):
                 sess.objective.prepare(model, step)
             out = model.losses(_to(batch, sess.device), sess.task_loss)

@@ -33,9 +33,10 @@ def test_groups_never_cross_splits_and_every_version_shares_the_chapter_split(ti
     for g in np.unique(groups):
         assert len(np.unique(data.splits[groups == g])) == 1
     assert data.manifest["groups_crossing_splits"] == 0
-    counts = data.manifest["counts"]
-    # the same chapters are held out in every version (WYC lacks a few verses, so <=)
-    assert counts["test/web"] == counts["test/kjv"] and 0 < counts["test/wyc"] <= counts["test/kjv"]
+    # the same chapters are held out in every version
+    test_groups = {d: set(groups[data.indices("test", [d])].tolist()) for d in data.domains}
+    assert test_groups["kjv"] == test_groups["web"] == test_groups["wyc"] != set()
+    assert data.manifest["duplicate_texts_crossing_splits"] == 0
 
 
 def test_split_assignment_is_a_pure_function_of_seed_and_group():
@@ -97,3 +98,90 @@ def test_epoch_stream_is_a_permutation_per_epoch_and_resumable():
     for e in range(3):
         assert sorted(whole[e * 10 : (e + 1) * 10]) == list(range(10))
     assert (epoch_stream(10, 1, 7, 11) == whole[7:18]).all()
+
+
+# ---------------------------------------------------------------- fixed splits, holdout domains, leakage
+
+
+def fixed(i: int, split: str, text: str | None = None, group: str | None = None) -> str:
+    return json.dumps({"text": text or f"text {i} ünïcode", "split": split, "group": group or f"g{i}"})
+
+
+def test_text_key_normalises_case_width_and_white_space():
+    from llmcli.data.preprocess import text_key
+
+    assert text_key("Hello   World\n") == text_key("hello world") == text_key("ＨＥＬＬＯ world")
+    assert text_key("hello world") != text_key("hello, world")
+
+
+def test_fixed_split_is_taken_from_a_field(tmp_path):
+    lines = [fixed(i, ["train", "train", "val", "test"][i % 4]) for i in range(40)]
+    cfg = jsonl_cfg(tmp_path, lines, split={"field": "split"})
+    data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
+    assert data.manifest["split_mode"] == "field"
+    assert [len(data.indices(s)) for s in ("train", "val", "test")] == [20, 10, 10]
+
+
+def test_a_bad_split_value_names_the_line(tmp_path):
+    cfg = jsonl_cfg(tmp_path, [fixed(0, "train"), fixed(1, "dev")], split={"field": "split"})
+    with pytest.raises(UserError, match=r"d\.jsonl:2: split field 'split' is 'dev'; allowed: train, val, test"):
+        preprocess(cfg.data, log=lambda m: None)
+
+
+def test_a_leaking_fixed_split_fails_and_writes_nothing(tmp_path):
+    lines = [fixed(i, "train") for i in range(10)] + [fixed(10, "test", group="g3")]
+    cfg = jsonl_cfg(tmp_path, lines, split={"field": "split"})
+    with pytest.raises(UserError, match=r"fixed split leaks: .*d\.jsonl:4 and .*d\.jsonl:11 share a group"):
+        preprocess(cfg.data, log=lambda m: None)
+    assert not processed_path(cfg.data).exists()
+
+
+def test_a_fixed_split_repeating_a_text_across_splits_fails_unless_told_to_drop(tmp_path):
+    lines = [fixed(i, "train") for i in range(10)] + [fixed(10, "test", text="TEXT 2  ünïcode")]
+    cfg = jsonl_cfg(tmp_path, lines, split={"field": "split"})
+    with pytest.raises(UserError, match=r"d\.jsonl:11 repeats the text of .*d\.jsonl:3 in another split"):
+        preprocess(cfg.data, log=lambda m: None)
+    cfg = jsonl_cfg(tmp_path, lines, split={"field": "split", "duplicates": "drop"})
+    data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
+    assert data.manifest["duplicates_dropped"] == 1 and len(data.indices("test")) == 0
+
+
+def test_ratio_split_drops_later_split_copies_of_a_training_text(tmp_path):
+    lines = [json.dumps({"text": "the same sentence" if i % 5 == 0 else f"unique {i}", "group": f"g{i}"})
+             for i in range(100)]
+    cfg = jsonl_cfg(tmp_path, lines)
+    data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
+    m = data.manifest
+    assert m["duplicate_texts_crossing_splits"] == 0 and m["groups_crossing_splits"] == 0
+    tok_same = data.batch(np.arange(len(data.labels))).tokens  # every kept copy of the repeated text is in one split
+    from llmcli.data.tokenizers import TextTokenizer
+
+    tok = TextTokenizer.load(data.path / "tokenizer.json")
+    same = [i for i in range(len(data.labels)) if tok.decode(tok_same[i].tolist()) == "the same sentence"]
+    assert len({int(data.splits[i]) for i in same}) == 1
+    assert m["duplicates_dropped"] == 20 - len(same) > 0 and m["n_records"] == 100 - m["duplicates_dropped"]
+    kept = jsonl_cfg(tmp_path, lines, split={"val": 0.2, "test": 0.2, "duplicates": "keep"})
+    km = ProcessedData(preprocess(kept.data, log=lambda m: None)).manifest
+    assert km["duplicate_texts_crossing_splits"] == m["duplicates_dropped"] and km["n_records"] == 100
+
+
+def test_holdout_domains_go_to_test_only(tmp_path):
+    cfg = jsonl_cfg(tmp_path, records(60), split={"val": 0.2, "test": 0.2, "holdout_domains": ["x"]},
+                    train_domains=["y"])
+    data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
+    x = data.domains.index("x")
+    assert (data.splits[data.domain_ids == x] == 2).all() and (data.domain_ids == x).sum() == 40
+    assert data.manifest["holdout_domains"] == ["x"] and data.manifest["groups_crossing_splits"] == 0
+    # records() puts x and y records in the same groups, so held-out groups are also trained on: recorded
+    assert data.manifest["holdout_groups_in_train"] > 0
+
+
+def test_a_domain_both_trained_on_and_held_out_is_a_config_error(tmp_path):
+    with pytest.raises(UserError, match=r"data: domains \['x'\] are both trained on and held out"):
+        jsonl_cfg(tmp_path, records(), train_domains=["x"], split={"holdout_domains": ["x"]})
+
+
+def test_the_default_train_domain_is_the_first_one_not_held_out(tmp_path):
+    cfg = jsonl_cfg(tmp_path, records(60), split={"val": 0.2, "test": 0.2, "holdout_domains": ["y"]})
+    data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
+    assert data.domains[0] == "y" and data.train_domains == ["x"]

