@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from llmcli.errors import UserError
 from llmcli.registry import _load_plugins, registry
@@ -90,6 +90,15 @@ class CrossEntropyLoss(Strict):
 
     name: Literal["cross_entropy"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight class c by n / (k * n_c) over the training labels (k = classes present)")
+
+
+class MSELoss(Strict):
+    """Brier score: squared error between the softmax and the one-hot label, summed over classes."""
+
+    name: Literal["mse"] = "mse"
+    class_weights: Literal["none", "balanced"] = "none"
 
 
 class WeightedObjective(Strict):
@@ -97,6 +106,46 @@ class WeightedObjective(Strict):
 
     name: Literal["weighted"] = "weighted"
     alpha: float = Field(0.5, ge=0.0, le=1.0)
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+
+class ConstrainedObjective(Strict):
+    """min L subject to task_loss <= epsilon, or held-out acc >= beta; Lagrangian dual ascent on lambda >= 0."""
+
+    name: Literal["constrained"] = "constrained"
+    epsilon: float | None = Field(None, gt=0.0, description="bound on the task loss (set this or beta)")
+    beta: float | None = Field(None, gt=0.0, lt=1.0, description="bound on held-out accuracy (set this or epsilon)")
+    dual_lr: float = Field(0.05, gt=0.0, description="step size of the multiplier's dual ascent")
+    lambda_init: float = Field(0.0, ge=0.0)
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> ConstrainedObjective:
+        if (self.epsilon is None) == (self.beta is None):
+            raise ValueError("set exactly one of epsilon (task_loss <= epsilon) or beta (acc >= beta)")
+        return self
+
+
+class PCGradObjective(Strict):
+    """PCGrad (Yu et al. 2020): conflicting gradients are projected onto each other's normal plane."""
+
+    name: Literal["pcgrad"] = "pcgrad"
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+
+class MGDAObjective(Strict):
+    """MGDA (Sener & Koltun 2018): the min-norm convex combination of the two gradients."""
+
+    name: Literal["mgda"] = "mgda"
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+
+class UncertaintyObjective(Strict):
+    """Kendall et al. 2018: exp(-s_lm) L + exp(-s_task) T + (s_lm + s_task) / 2, s learned."""
+
+    name: Literal["uncertainty"] = "uncertainty"
+    init_log_var_lm: float = 0.0
+    init_log_var_task: float = 0.0
     log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
 
@@ -111,6 +160,16 @@ class AdamWConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
+
+
+class AdamConfig(Strict):
+    """Adam (L2 weight decay through the gradient, on matrices only)."""
+
+    name: Literal["adam"] = "adam"
+    lr: float = Field(3e-3, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
 
 
 class SGDConfig(Strict):
@@ -158,6 +217,9 @@ class TrainConfig(Strict):
     val_max_examples: int | None = Field(512, ge=1, description="per-domain cap on validation records")
     log_every: int = Field(10, ge=1)
     grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size summed into one optimiser step")
+    init_from: str | None = Field(None, description="run folder whose backbone + LM head weights start this run")
+    freeze: list[str] = Field(default_factory=list, description="parts not trained: embedding, backbone, lm_head, cls_head")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores")
 
@@ -201,6 +263,9 @@ class DataBase(Strict):
     train_domains: list[str] | None = Field(
         None, min_length=1, description="domains trained on (in-domain); null = the first domain"
     )
+    lm_only_domains: list[str] = Field(
+        default_factory=list, description="domains whose training text feeds L only (their labels never reach T)"
+    )
     max_len: int = Field(64, ge=4, le=4096, description="tokens per record (BOS included); longer ones are cut")
     processed_dir: str = Field("data/processed", description="where preprocessed data is cached")
 
@@ -218,9 +283,19 @@ _BUILTINS: dict[str, list[tuple[type, str]]] = {
     "source": [(BibleSource, "llmcli.data.sources:bible_records"), (JsonlSource, "llmcli.data.sources:jsonl_records")],
     "tokenizer": [(BPETokenizer, "llmcli.data.tokenizers:build_bpe")],
     "model": [(GPTConfig, "llmcli.models.gpt:build_gpt")],
-    "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy")],
-    "objective": [(WeightedObjective, "llmcli.objectives:build_weighted")],
-    "optimizer": [(AdamWConfig, "llmcli.optim:build_adamw"), (SGDConfig, "llmcli.optim:build_sgd")],
+    "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy"), (MSELoss, "llmcli.losses:build_mse")],
+    "objective": [
+        (WeightedObjective, "llmcli.objectives:build_weighted"),
+        (ConstrainedObjective, "llmcli.objectives:build_constrained"),
+        (PCGradObjective, "llmcli.objectives:build_pcgrad"),
+        (MGDAObjective, "llmcli.objectives:build_mgda"),
+        (UncertaintyObjective, "llmcli.objectives:build_uncertainty"),
+    ],
+    "optimizer": [
+        (AdamWConfig, "llmcli.optim:build_adamw"),
+        (AdamConfig, "llmcli.optim:build_adam"),
+        (SGDConfig, "llmcli.optim:build_sgd"),
+    ],
     "schedule": [
         (CosineSchedule, "llmcli.optim:build_cosine"),
         (LinearSchedule, "llmcli.optim:build_linear"),

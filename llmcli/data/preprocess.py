@@ -84,9 +84,11 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     in_train = (split == 0) & np.isin(dom, [domains.index(d) for d in train_domains])
     if not in_train.any():
         raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
+    lm_only = _lm_only(data_cfg.lm_only_domains, domains, train_domains)
+    lm_only_train = (split == 0) & np.isin(dom, [domains.index(d) for d in lm_only])
 
     log(f"preprocess: {len(records)} records, {len(domains)} domains; training the tokenizer ...")
-    train_texts = [r.text for r, keep in zip(records, in_train) if keep]
+    train_texts = [r.text for r, keep in zip(records, in_train | lm_only_train) if keep]
     tok = registry("tokenizer").build(data_cfg.tokenizer, texts=train_texts)
     if tok.vocab_size > 65535:
         raise UserError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token arrays")
@@ -104,7 +106,9 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
 
     groups = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in records))}
     np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "labels.npy", np.array([r.label for r in records], dtype=np.int64))
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    labels[lm_only_train] = -1  # lm_only domains train L only: their training labels never exist for T
+    np.save(tmp / "labels.npy", labels)
     np.save(tmp / "domains.npy", dom)
     np.save(tmp / "splits.npy", split)
     np.save(tmp / "groups.npy", np.array([groups[r.group] for r in records], dtype=np.int32))
@@ -121,6 +125,7 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
         "input_hash": src.input_hash,
         "domains": domains,
         "train_domains": train_domains,
+        "lm_only_domains": lm_only,
         "label_names": src.label_names,
         "n_records": len(records),
         "n_tokens": int(offsets[-1]),
@@ -137,6 +142,17 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     atomic_write_json(tmp / "manifest.json", manifest)
     log(f"preprocess: {len(records)} records, {manifest['n_tokens']} tokens, vocab {tok.vocab_size}, "
         f"{manifest['seconds']} s")
+
+
+def _lm_only(lm_only: list[str], domains: list[str], train_domains: list[str]) -> list[str]:
+    """Validate data.lm_only_domains: known domains, none of them a train domain."""
+    unknown = [d for d in lm_only if d not in domains]
+    if unknown:
+        raise UserError(f"data.lm_only_domains: {unknown} not in the data (domains: {', '.join(domains)})")
+    both = [d for d in lm_only if d in train_domains]
+    if both:
+        raise UserError(f"data.lm_only_domains: {both} are also in data.train_domains (a domain is one or the other)")
+    return list(lm_only)
 
 
 def _group_leaks(records: list[Any], split: np.ndarray) -> int:
