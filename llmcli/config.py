@@ -85,6 +85,44 @@ class GPTConfig(Strict):
     block_size: int = Field(256, ge=8, description="longest sequence (positions) the model can see")
 
 
+class _RecurrentBase(Strict):
+    """Fields shared by the recurrent backbones."""
+
+    n_layer: int = Field(2, ge=1, le=16)
+    d_model: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    block_size: int = Field(256, ge=8, description="context kept when generating (the state itself is unbounded)")
+
+
+class LSTMConfig(_RecurrentBase):
+    """LSTM backbone (torch.nn.LSTM); tied LM head."""
+
+    name: Literal["lstm"] = "lstm"
+
+
+class GRUConfig(_RecurrentBase):
+    """GRU backbone (torch.nn.GRU); tied LM head."""
+
+    name: Literal["gru"] = "gru"
+
+
+class RNNConfig(_RecurrentBase):
+    """Elman RNN backbone (torch.nn.RNN, tanh); tied LM head."""
+
+    name: Literal["rnn"] = "rnn"
+
+
+class MLPConfig(Strict):
+    """Fixed-window neural LM (Bengio et al. 2003); the task head mean-pools its states."""
+
+    name: Literal["mlp"] = "mlp"
+    context: int = Field(4, ge=1, le=64, description="tokens each prediction sees (the current one included)")
+    d_model: int = Field(128, ge=8)
+    hidden: int = Field(256, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    block_size: int = Field(256, ge=8, description="longest sequence generate keeps")
+
+
 class CrossEntropyLoss(Strict):
     """Cross-entropy task loss over labeled records."""
 
@@ -282,7 +320,13 @@ class ExperimentBase(Strict):
 _BUILTINS: dict[str, list[tuple[type, str]]] = {
     "source": [(BibleSource, "llmcli.data.sources:bible_records"), (JsonlSource, "llmcli.data.sources:jsonl_records")],
     "tokenizer": [(BPETokenizer, "llmcli.data.tokenizers:build_bpe")],
-    "model": [(GPTConfig, "llmcli.models.gpt:build_gpt")],
+    "model": [
+        (GPTConfig, "llmcli.models.gpt:build_gpt"),
+        (LSTMConfig, "llmcli.models.recurrent:build_recurrent"),
+        (GRUConfig, "llmcli.models.recurrent:build_recurrent"),
+        (RNNConfig, "llmcli.models.recurrent:build_recurrent"),
+        (MLPConfig, "llmcli.models.mlp:build_mlp"),
+    ],
     "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy"), (MSELoss, "llmcli.losses:build_mse")],
     "objective": [
         (WeightedObjective, "llmcli.objectives:build_weighted"),
