@@ -123,6 +123,14 @@ class MLPConfig(Strict):
     block_size: int = Field(256, ge=8, description="longest sequence generate keeps")
 
 
+class HFCausalConfig(Strict):
+    """A local Hugging Face causal LM directory as the backbone (`pip install 'llmcli[hf]'`)."""
+
+    name: Literal["hf_causal"] = "hf_causal"
+    path: str = Field(..., description="local model directory (config.json + weights); never downloaded")
+    block_size: int | None = Field(None, ge=8, description="cap on positions; null = the model's own limit")
+
+
 class CrossEntropyLoss(Strict):
     """Cross-entropy task loss over labeled records."""
 
@@ -326,6 +334,7 @@ _BUILTINS: dict[str, list[tuple[type, str]]] = {
         (GRUConfig, "llmcli.models.recurrent:build_recurrent"),
         (RNNConfig, "llmcli.models.recurrent:build_recurrent"),
         (MLPConfig, "llmcli.models.mlp:build_mlp"),
+        (HFCausalConfig, "llmcli.models.hf:build_hf_causal"),
     ],
     "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy"), (MSELoss, "llmcli.losses:build_mse")],
     "objective": [
