@@ -21,7 +21,7 @@ TIMING_KEYS = ("tokens_per_s", "time_s")
 class Session:
     """Everything a training run holds: data, model, objective, optimiser, schedule."""
 
-    def __init__(self, cfg: Any, log: Any) -> None:
+    def __init__(self, cfg: Any, log: Any, resuming: bool = False) -> None:
         import torch
 
         from llmcli.data.dataset import ProcessedData
@@ -46,7 +46,7 @@ class Session:
         counts = class_counts(self.data.labels[self.train_idx], n_classes)
         self.task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
         self.objective = registry("objective").build(cfg.objective)
-        apply_transfer(self.model, cfg.train, self.data)
+        apply_transfer(self.model, cfg.train, self.data, load=not resuming)  # a resume loads its own checkpoint
         own = list(self.objective.parameters())  # e.g. learned log-variances: trained, never decayed
         for p in own:
             p.data = p.data.to(self.device)
@@ -105,7 +105,7 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
         cfg = load_run_config(run_dir)
         if not (run_dir / "checkpoints" / "last.safetensors").is_file():
             raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
-    sess = Session(cfg, log)
+    sess = Session(cfg, log, resuming=resume is not None)
     if resume is None:
         run_dir = create_run_dir(Path(runs_dir), cfg.name) if run_dir is None else Path(run_dir)
         _start_run(run_dir, cfg, sess)

@@ -98,3 +98,15 @@ def test_pretrain_finetune_configs_chain(tmp_path, processed_dir):
     cfg = json.loads(json.dumps(load_config(fine / "config.yaml").model_dump(mode="json")))
     assert cfg["objective"]["alpha"] == 0.0 and cfg["train"]["init_from"] == str(pre)
     assert np.isfinite([json.loads(x)["step"] for x in (fine / "metrics.jsonl").read_text().splitlines()]).all()
+
+
+def test_a_finetune_resumes_without_its_source_run(tiny, tiny_run, tmp_path):
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_run, source)
+    part = train(tiny(f"train.init_from={source}", "train.freeze=[embedding]"), runs_dir=tmp_path / "runs",
+                 stop_after=7, **QUIET)
+    shutil.rmtree(source)
+    train(None, resume=part, **QUIET)
+    assert json.loads((part / "meta.json").read_text())["status"] == "completed"

@@ -69,9 +69,9 @@ def init_from(model: nn.Module, run_dir: str | Path, data: Any) -> Path:
     return path
 
 
-def apply_transfer(model: nn.Module, train_cfg: Any, data: Any) -> None:
-    """init_from then freeze, as the train config asks (before the optimiser is built)."""
-    if train_cfg.init_from:
+def apply_transfer(model: nn.Module, train_cfg: Any, data: Any, load: bool = True) -> None:
+    """init_from (unless `load` is False, as on resume) then freeze, before the optimiser is built."""
+    if train_cfg.init_from and load:
         init_from(model, train_cfg.init_from, data)
     if train_cfg.freeze:
         freeze(model, train_cfg.freeze)
