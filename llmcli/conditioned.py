@@ -90,6 +90,10 @@ class Conditioned:
         """Held-out objective at the evaluation alpha."""
         return self.cfg.alpha * lm_loss + (1 - self.cfg.alpha) * task_loss
 
+    def parameters(self) -> list[nn.Parameter]:
+        """None of its own: the FiLM layers belong to the model."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """Nothing beyond the model's own FiLM weights."""
         return {}

@@ -165,11 +165,66 @@ class GPTConfig(Strict):
     block_size: int = Field(256, ge=8, description="longest sequence (positions) the model can see")
 
 
+class _RecurrentBase(Strict):
+    """Fields shared by the recurrent backbones."""
+
+    n_layer: int = Field(2, ge=1, le=16)
+    d_model: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    block_size: int = Field(256, ge=8, description="context kept when generating (the state itself is unbounded)")
+
+
+class LSTMConfig(_RecurrentBase):
+    """LSTM backbone (torch.nn.LSTM); tied LM head."""
+
+    name: Literal["lstm"] = "lstm"
+
+
+class GRUConfig(_RecurrentBase):
+    """GRU backbone (torch.nn.GRU); tied LM head."""
+
+    name: Literal["gru"] = "gru"
+
+
+class RNNConfig(_RecurrentBase):
+    """Elman RNN backbone (torch.nn.RNN, tanh); tied LM head."""
+
+    name: Literal["rnn"] = "rnn"
+
+
+class MLPConfig(Strict):
+    """Fixed-window neural LM (Bengio et al. 2003); the task head mean-pools its states."""
+
+    name: Literal["mlp"] = "mlp"
+    context: int = Field(4, ge=1, le=64, description="tokens each prediction sees (the current one included)")
+    d_model: int = Field(128, ge=8)
+    hidden: int = Field(256, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    block_size: int = Field(256, ge=8, description="longest sequence generate keeps")
+
+
+class HFCausalConfig(Strict):
+    """A local Hugging Face causal LM directory as the backbone (`pip install 'llmcli[hf]'`)."""
+
+    name: Literal["hf_causal"] = "hf_causal"
+    path: str = Field(..., description="local model directory (config.json + weights); never downloaded")
+    block_size: int | None = Field(None, ge=8, description="cap on positions; null = the model's own limit")
+
+
 class CrossEntropyLoss(Strict):
     """Cross-entropy task loss over labeled records."""
 
     name: Literal["cross_entropy"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight class c by n / (k * n_c) over the training labels (k = classes present)")
+
+
+class MSELoss(Strict):
+    """Brier score: squared error between the softmax and the one-hot label, summed over classes."""
+
+    name: Literal["mse"] = "mse"
+    class_weights: Literal["none", "balanced"] = "none"
 
 
 class WeightedObjective(Strict):
@@ -191,6 +246,46 @@ class ConditionedObjective(Strict):
     log_grad_every: int = Field(50, ge=0)
 
 
+class ConstrainedObjective(Strict):
+    """min L subject to task_loss <= epsilon, or held-out acc >= beta; Lagrangian dual ascent on lambda >= 0."""
+
+    name: Literal["constrained"] = "constrained"
+    epsilon: float | None = Field(None, gt=0.0, description="bound on the task loss (set this or beta)")
+    beta: float | None = Field(None, gt=0.0, lt=1.0, description="bound on held-out accuracy (set this or epsilon)")
+    dual_lr: float = Field(0.05, gt=0.0, description="step size of the multiplier's dual ascent")
+    lambda_init: float = Field(0.0, ge=0.0)
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> ConstrainedObjective:
+        if (self.epsilon is None) == (self.beta is None):
+            raise ValueError("set exactly one of epsilon (task_loss <= epsilon) or beta (acc >= beta)")
+        return self
+
+
+class PCGradObjective(Strict):
+    """PCGrad (Yu et al. 2020): conflicting gradients are projected onto each other's normal plane."""
+
+    name: Literal["pcgrad"] = "pcgrad"
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+
+class MGDAObjective(Strict):
+    """MGDA (Sener & Koltun 2018): the min-norm convex combination of the two gradients."""
+
+    name: Literal["mgda"] = "mgda"
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+
+class UncertaintyObjective(Strict):
+    """Kendall et al. 2018: exp(-s_lm) L + exp(-s_task) T + (s_lm + s_task) / 2, s learned."""
+
+    name: Literal["uncertainty"] = "uncertainty"
+    init_log_var_lm: float = 0.0
+    init_log_var_task: float = 0.0
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+
 # ---------------------------------------------------------------- optimisers and schedules
 
 
@@ -202,6 +297,16 @@ class AdamWConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
+
+
+class AdamConfig(Strict):
+    """Adam (L2 weight decay through the gradient, on matrices only)."""
+
+    name: Literal["adam"] = "adam"
+    lr: float = Field(3e-3, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
 
 
 class SGDConfig(Strict):
@@ -249,6 +354,9 @@ class TrainConfig(Strict):
     val_max_examples: int | None = Field(512, ge=1, description="per-domain cap on validation records")
     log_every: int = Field(10, ge=1)
     grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size summed into one optimiser step")
+    init_from: str | None = Field(None, description="run folder whose backbone + LM head weights start this run")
+    freeze: list[str] = Field(default_factory=list, description="parts not trained: embedding, backbone, lm_head, cls_head")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores")
 
@@ -292,6 +400,9 @@ class DataBase(Strict):
     train_domains: list[str] | None = Field(
         None, min_length=1, description="domains trained on (in-domain); null = the first domain"
     )
+    lm_only_domains: list[str] = Field(
+        default_factory=list, description="domains whose training text feeds L only (their labels never reach T)"
+    )
     max_len: int = Field(64, ge=4, le=4096, description="tokens per record (BOS included); longer ones are cut")
     processed_dir: str = Field("data/processed", description="where preprocessed data is cached")
     augment: list[Augment] = Field(default_factory=list, description="training-time augmentations (train split only)")
@@ -329,11 +440,28 @@ _BUILTINS: dict[str, list[tuple[type, str]]] = {
         (CharTokenizer, "llmcli.data.tokenizers:build_char"),
         (ByteTokenizer, "llmcli.data.tokenizers:build_byte"),
     ],
-    "model": [(GPTConfig, "llmcli.models.gpt:build_gpt")],
-    "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy")],
-    "objective": [(WeightedObjective, "llmcli.objectives:build_weighted"),
-                  (ConditionedObjective, "llmcli.conditioned:build_conditioned")],
-    "optimizer": [(AdamWConfig, "llmcli.optim:build_adamw"), (SGDConfig, "llmcli.optim:build_sgd")],
+    "model": [
+        (GPTConfig, "llmcli.models.gpt:build_gpt"),
+        (LSTMConfig, "llmcli.models.recurrent:build_recurrent"),
+        (GRUConfig, "llmcli.models.recurrent:build_recurrent"),
+        (RNNConfig, "llmcli.models.recurrent:build_recurrent"),
+        (MLPConfig, "llmcli.models.mlp:build_mlp"),
+        (HFCausalConfig, "llmcli.models.hf:build_hf_causal"),
+    ],
+    "task_loss": [(CrossEntropyLoss, "llmcli.losses:build_cross_entropy"), (MSELoss, "llmcli.losses:build_mse")],
+    "objective": [
+        (WeightedObjective, "llmcli.objectives:build_weighted"),
+        (ConstrainedObjective, "llmcli.objectives:build_constrained"),
+        (PCGradObjective, "llmcli.objectives:build_pcgrad"),
+        (MGDAObjective, "llmcli.objectives:build_mgda"),
+        (UncertaintyObjective, "llmcli.objectives:build_uncertainty"),
+        (ConditionedObjective, "llmcli.conditioned:build_conditioned"),
+    ],
+    "optimizer": [
+        (AdamWConfig, "llmcli.optim:build_adamw"),
+        (AdamConfig, "llmcli.optim:build_adam"),
+        (SGDConfig, "llmcli.optim:build_sgd"),
+    ],
     "schedule": [
         (CosineSchedule, "llmcli.optim:build_cosine"),
         (LinearSchedule, "llmcli.optim:build_linear"),

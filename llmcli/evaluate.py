@@ -20,6 +20,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
 
     from llmcli.data.dataset import ProcessedData
     from llmcli.data.preprocess import preprocess
+    from llmcli.losses import class_counts
     from llmcli.metrics import gaps, score
     from llmcli.models.load import load_trained
     from llmcli.registry import registry
@@ -34,7 +35,9 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
     tok_sha = hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest()
     if data.manifest["tokenizer_sha256"] != tok_sha:
         raise UserError(f"{run_dir}: the processed data at {data.path} was tokenized differently from this run")
-    task_loss = registry("task_loss").build(cfg.task_loss, n_classes=len(data.label_names))
+    n_classes = len(data.label_names)
+    counts = class_counts(data.labels[data.indices("train", data.train_domains + data.lm_only_domains)], n_classes)
+    task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
     t0 = time.perf_counter()
     per_domain = {}
     for d in data.domains:

@@ -63,3 +63,10 @@ def build_linear(cfg: Any, *, optimizer: torch.optim.Optimizer, total_steps: int
 def build_constant(cfg: Any, *, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up, then constant."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup(step, cfg.warmup_steps) or 1.0)
+
+
+def build_adam(cfg: Any, *, decay: list, no_decay: list) -> torch.optim.Optimizer:
+    """Adam; its (L2) weight decay, if any, on matrices only."""
+    return torch.optim.Adam(
+        _groups(decay, no_decay, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
+    )

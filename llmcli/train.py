@@ -21,12 +21,14 @@ TIMING_KEYS = ("tokens_per_s", "time_s")
 class Session:
     """Everything a training run holds: data, model, objective, optimiser, schedule."""
 
-    def __init__(self, cfg: Any, log: Any) -> None:
+    def __init__(self, cfg: Any, log: Any, resuming: bool = False) -> None:
         import torch
 
         from llmcli.data.dataset import ProcessedData
         from llmcli.data.preprocess import preprocess
+        from llmcli.losses import class_counts
         from llmcli.models.model import build_model
+        from llmcli.models.transfer import apply_transfer
         from llmcli.registry import registry
 
         self.cfg = cfg
@@ -40,16 +42,36 @@ class Session:
         n_classes = len(self.data.label_names)
         self.model = build_model(cfg.model, vocab_size=self.data.manifest["vocab_size"], n_classes=n_classes,
                                  max_len=cfg.data.max_len).to(self.device)
-        self.task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes)
+        self.train_idx = self.data.indices("train", self.data.train_domains + self.data.lm_only_domains)
+        counts = class_counts(self.data.labels[self.train_idx], n_classes)
+        self.task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
         self.objective = registry("objective").build(cfg.objective)
         if hasattr(self.objective, "wrap_model"):  # objectives that add layers (conditioned) do it before the optimiser
             self.objective.wrap_model(self.model)
+        apply_transfer(self.model, cfg.train, self.data, load=not resuming)  # a resume loads its own checkpoint
+        own = list(self.objective.parameters())  # e.g. learned log-variances: trained, never decayed
+        for p in own:
+            p.data = p.data.to(self.device)
         decay, no_decay = self.model.decay_groups()
-        self.optimizer = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay)
+        self.optimizer = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay + own)
         self.scheduler = registry("schedule").build(cfg.schedule, optimizer=self.optimizer,
                                                     total_steps=cfg.train.steps)
-        self.train_idx = self.data.indices("train", self.data.train_domains)
         self.val_idx = {d: self._val_subset(d) for d in self.data.domains}
+        if hasattr(self.objective, "set_probe"):
+            self.objective.set_probe(self.probe)
+
+    def probe(self, step: int) -> dict[str, float]:
+        """Metrics on one held-out batch (in-domain validation records, rotating with the step)."""
+        from llmcli.data.dataset import epoch_stream
+        from llmcli.metrics import score
+
+        pool = np.concatenate([self.val_idx[d] for d in self.data.train_domains])
+        pool = pool[self.data.labels[pool] >= 0]
+        if not len(pool):
+            raise UserError("objective: the held-out probe needs labeled in-domain validation records (data.split.val)")
+        n = min(self.cfg.train.batch_size, len(pool))
+        idx = pool[epoch_stream(len(pool), self.cfg.seed, step * n, n)]
+        return score(self.model, self.data, idx, n, self.task_loss, self.device)
 
     def _val_subset(self, domain: str) -> np.ndarray:
         idx = self.data.indices("val", [domain])
@@ -87,7 +109,7 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
         cfg = load_run_config(run_dir)
         if not (run_dir / "checkpoints" / "last.safetensors").is_file():
             raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
-    sess = Session(cfg, log)
+    sess = Session(cfg, log, resuming=resume is not None)
     if resume is None:
         run_dir = create_run_dir(Path(runs_dir), cfg.name) if run_dir is None else Path(run_dir)
         _start_run(run_dir, cfg, sess)
@@ -134,7 +156,6 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
     from tqdm import tqdm
 
     from llmcli.checkpoint import save_checkpoint
-    from llmcli.data.dataset import epoch_stream
 
     cfg, model, tc = sess.cfg, sess.model, sess.cfg.train
     step, best, side = _resume_state(sess, run_dir) if resuming else (0, float("inf"), {})
@@ -151,18 +172,8 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
     model.train()
     try:
         while step < tc.steps:
-            idx = sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, step * tc.batch_size, tc.batch_size)]
-            batch = sess.data.batch(idx)
-            if cfg.data.augment:  # train split only; a pure function of (seed, step), so resume stays exact
-                from llmcli.data.augment import augment_batch
-
-                batch = augment_batch(batch, cfg.data.augment, cfg.seed, step, sess.data.pad_id)
-            if hasattr(sess.objective, "prepare"):
-                sess.objective.prepare(model, step)
-            out = model.losses(_to(batch, sess.device), sess.task_loss)
             sess.optimizer.zero_grad(set_to_none=True)
-            logs = sess.objective.backward(out["lm_loss"], out["task_loss"], shared, step)
-            lm, task = float(out["lm_loss"].detach()), float(out["task_loss"].detach())
+            lm, task, logs, n_tokens = _accumulate(sess, step, shared)
             if not (np.isfinite(lm) and np.isfinite(task)):
                 raise UserError(f"train: the loss became NaN/Inf at step {step + 1}; lower optim.lr or check the data")
             if tc.grad_clip:
@@ -170,10 +181,12 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
             sess.optimizer.step()
             sess.scheduler.step()
             step += 1
-            tokens += batch.n_tokens
+            tokens += n_tokens
             window["lm_loss"].append(lm)
             window["task_loss"].append(task)
-            window["loss"].append(logs["loss"])
+            for k, v in logs.items():  # loss, and objective-specific figures (lambda, log_var_*, ...)
+                if k != "grad_cosine":
+                    window.setdefault(k, []).append(v)
             last_cos = logs.get("grad_cosine", last_cos)
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
@@ -228,6 +241,43 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
                 ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     log(f"train: done, {run_dir}")
     return run_dir
+
+
+def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, dict[str, float], int]:
+    """Gradients of one optimiser step summed over train.grad_accum_steps micro-batches, then averaged.
+
+    Objectives see unscaled losses (a constraint compares the real task loss); the mean is taken on .grad.
+    Micro-batch j of step s reads stream position (s * k + j) * batch_size, so the data order stays a
+    pure function of the step (exact resume). Returns mean lm_loss, task_loss, the objective's logs
+    (means; grad_cosine from the first micro-batch) and the step's token count.
+    """
+    from llmcli.data.dataset import epoch_stream
+
+    cfg, tc = sess.cfg, sess.cfg.train
+    k, lms, tasks, logs, n_tokens = tc.grad_accum_steps, [], [], {}, 0
+    for j in range(k):
+        start = (step * k + j) * tc.batch_size
+        batch = sess.data.batch(sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, start, tc.batch_size)])
+        if cfg.data.augment:  # train split only; a pure function of (seed, micro-step): resume stays exact
+            from llmcli.data.augment import augment_batch
+
+            batch = augment_batch(batch, cfg.data.augment, cfg.seed, step * k + j, sess.data.pad_id)
+        if hasattr(sess.objective, "prepare"):  # e.g. the conditioned objective draws this batch's alpha
+            sess.objective.prepare(sess.model, step)
+        out = sess.model.losses(_to(batch, sess.device), sess.task_loss)
+        micro = sess.objective.backward(out["lm_loss"], out["task_loss"], shared, step)
+        lms.append(float(out["lm_loss"].detach()))
+        tasks.append(float(out["task_loss"].detach()))
+        for key, v in micro.items():
+            logs.setdefault(key, []).append(v)
+        n_tokens += batch.n_tokens
+    if k > 1:
+        for group in sess.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(k)
+    means = {key: (v[0] if key == "grad_cosine" else float(np.mean(v))) for key, v in logs.items()}
+    return float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens
 
 
 def meta_params(run_dir: Path) -> str:

@@ -39,7 +39,7 @@ def test_python_dash_m_entry_point():
         ("model: {name: gpt, n_layr: 2}\n", "model.n_layr: unknown key"),
         ("train: {steps: ten}\n", "train.steps: Input should be a valid integer"),
         ("objective: {name: weighted, alpha: 1.5}\n", "objective.alpha: Input should be less than or equal to 1"),
-        ("model: {name: transformerXL}\n", "model.name: unknown model 'transformerXL' (valid: gpt)"),
+        ("model: {name: transformerXL}\n", "model.name: unknown model 'transformerXL' (valid: gpt, gru, "),
     ],
 )
 @pytest.mark.parametrize("command", ["train", "preprocess", "validate", "sweep-alpha"])
@@ -84,3 +84,26 @@ def test_train_eval_generate_from_the_command_line(tmp_path, processed_dir):
     assert gen.exit_code == 0 and gen.stdout.startswith("In the beginning") and len(gen.stdout) > 17
     assert run("generate", str(run_dir), "--top-p", "0").exit_code == 2
     assert run("eval", str(tmp_path / "nope")).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["objective={name: constrained, epsilon: 0}"], "objective.epsilon: Input should be greater than 0"),
+        (["objective={name: constrained, beta: 1.2}"], "objective.beta: Input should be less than 1"),
+        (["train.freeze=[decoder]"], "train.freeze: this model has no part 'decoder'"),
+        (["model.d_model=64"], "train.init_from: weight 'backbone.embed.weight' has shape"),
+    ],
+)
+def test_bad_objective_bound_init_from_and_freeze_exit_2_with_one_line(tmp_path, processed_dir, tiny_run, sets,
+                                                                        fragment):
+    s = ["--set", f"data.processed_dir={processed_dir}"]
+    if "init_from" in fragment:
+        s += ["--set", f"train.init_from={tiny_run}"]
+    for item in sets:
+        s += ["--set", item]
+    result = run("train", str(TINY), *s, "--runs-dir", str(tmp_path / "runs"), "--no-progress")
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

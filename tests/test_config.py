@@ -52,7 +52,7 @@ def test_alpha_out_of_range_is_rejected(tmp_path):
 
 
 def test_unknown_component_lists_valid_names():
-    with pytest.raises(UserError, match=r"optim\.name: unknown optimizer 'lion' \(valid: adamw, sgd\)"):
+    with pytest.raises(UserError, match=r"optim\.name: unknown optimizer 'lion' \(valid: adam, adamw, sgd\)"):
         validate_config({"optim": {"name": "lion"}})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmcli.config import GPTConfig, validate_config
@@ -59,3 +60,57 @@ def test_weight_decay_spares_norms_biases_and_embeddings():
     assert all(p.dim() >= 2 for p in decay) and all(p is not emb for p in decay)
     assert any(p is emb for p in no_decay)
     assert len(decay) + len(no_decay) == len({id(p) for p in m.parameters()})
+
+
+# ---------------------------------------------------------------- every backbone
+
+BACKBONES = ["gpt", "lstm", "gru", "rnn", "mlp"]
+
+
+def backbone_model(name: str, vocab: int = 50, classes: int = 3):
+    torch.manual_seed(0)
+    cfg = validate_config({"model": {"name": name, "d_model": 16}})
+    return build_model(cfg.model, vocab_size=vocab, n_classes=classes, max_len=16)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_caches_exactly_and_ties_its_lm_head(name):
+    m = backbone_model(name).eval()
+    assert m.lm_head.weight is m.backbone.embed.weight and m.backbone.d_model == 16
+    seq = torch.tensor([[1, 4, 9, 3, 8, 7, 2, 5]])
+    full, _ = m.backbone(seq)
+    h, cache = m.backbone(seq[:, :5])
+    steps = [h]
+    for t in range(5, 8):
+        h, cache = m.backbone(seq[:, t : t + 1], cache)
+        steps.append(h)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_padding_changes_neither_loss_for_any_backbone(name):
+    m = backbone_model(name).eval()
+    ce = build_cross_entropy(validate_config({}).task_loss, n_classes=3)
+    toks = torch.tensor([[1, 5, 6, 7, 2]])
+    a = m.losses(Batch(toks, torch.tensor([5]), torch.tensor([1]), torch.tensor([0])), ce)
+    padded = torch.cat([toks, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    b = m.losses(Batch(padded, torch.tensor([5]), torch.tensor([1]), torch.tensor([0])), ce)
+    assert torch.allclose(a["lm_loss"], b["lm_loss"]) and torch.allclose(a["task_loss"], b["task_loss"], atol=1e-6)
+
+
+def test_mlp_sees_a_fixed_window_and_its_task_head_sees_the_whole_record():
+    m = backbone_model("mlp").eval()  # context 4
+    a = torch.tensor([[1, 5, 6, 7, 8, 9, 2]])
+    b = a.clone()
+    b[0, 1] = 11  # changes positions 1..4 only
+    ha, hb = m.backbone(a)[0], m.backbone(b)[0]
+    assert torch.allclose(ha[:, 5:], hb[:, 5:]) and not torch.allclose(ha[:, 1], hb[:, 1])
+    lengths = torch.tensor([7])
+    assert not torch.allclose(m.pool(ha, lengths), m.pool(hb, lengths))
+
+
+def test_recurrent_classification_reads_the_last_real_state():
+    m = backbone_model("lstm").eval()
+    toks = torch.tensor([[1, 5, 6, 7, 2, 0, 0]])
+    h = m(toks)
+    assert torch.equal(m.pool(h, torch.tensor([5])), h[:, 4])

@@ -40,6 +40,7 @@ class ProcessedData:
         self.token_bytes = torch.from_numpy(np.load(self.path / "token_bytes.npy").astype(np.int64))
         self.domains: list[str] = self.manifest["domains"]
         self.train_domains: list[str] = self.manifest["train_domains"]
+        self.lm_only_domains: list[str] = self.manifest.get("lm_only_domains", [])  # train text for L only
         self.label_names: list[str] = self.manifest["label_names"]
         self.pad_id: int = self.manifest["pad_id"]
 

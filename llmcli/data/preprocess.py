@@ -161,6 +161,8 @@ class Scan:
             if s == 0 and r.domain in (self.train_domains or ()):
                 self.n_train_texts += 1
                 yield r.text
+            elif s == 0 and r.domain in self.cfg.lm_only_domains:  # unlabeled target text: the tokenizer sees it
+                yield r.text
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The scanned arrays as numpy (views, no copy)."""
@@ -286,6 +288,13 @@ def _check_scan(scan: Scan, tok: Any) -> tuple[list[str], list[str]]:
             raise UserError(f"data.{field}: {unknown} not in the data (domains: {', '.join(domains)})")
     if scan.n_train_texts == 0:
         raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
+    lm_only = scan.cfg.lm_only_domains
+    unknown = [d for d in lm_only if d not in scan.domains]
+    if unknown:
+        raise UserError(f"data.lm_only_domains: {unknown} not in the data (domains: {', '.join(domains)})")
+    both = [d for d in lm_only if d in train_domains]
+    if both:
+        raise UserError(f"data.lm_only_domains: {both} are also in data.train_domains (a domain is one or the other)")
     if tok.vocab_size > 65535:
         raise UserError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token arrays")
     return domains, train_domains
@@ -306,6 +315,8 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     arr = scan.arrays()
     keep, evidence = _leakage(scan, arr)
     label_names, labels = scan.label_names()
+    lm_only_train = (arr["split"] == 0) & np.isin(arr["domain"], [scan.domains[d] for d in data_cfg.lm_only_domains])
+    labels[lm_only_train] = -1  # lm_only domains train L only: their training labels never exist for T
 
     log(f"preprocess: {len(keep)} records, {len(domains)} domains; writing tokens ...")
     acc = Accumulator(arr["split"], arr["domain"], labels, tok.fallback_mask(), len(domains), data_cfg.max_len)
@@ -329,6 +340,7 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
         "domains": domains,
         "train_domains": train_domains,
         "holdout_domains": list(data_cfg.split.holdout_domains),
+        "lm_only_domains": list(data_cfg.lm_only_domains),
         "split_mode": "field" if data_cfg.split.field else "group_hash",
         "label_names": label_names,
         "n_records": int(keep.sum()),

@@ -27,7 +27,13 @@ class TwoHeadModel(nn.Module):
         return self.backbone(tokens)[0]
 
     def pool(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The state at each row's last real token (its EOS): it has seen the whole record."""
+        """The state at each row's last real token (its EOS): it has seen the whole record.
+
+        A backbone whose last state has not seen the whole record (the fixed-window MLP) brings its own `pool`.
+        """
+        own = getattr(self.backbone, "pool", None)
+        if own is not None:
+            return own(h, lengths)  # (B, D)
         return h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, D)
 
     def lm_nll(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
