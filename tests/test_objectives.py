@@ -152,7 +152,8 @@ def test_constrained_accuracy_bound_is_decided_by_the_held_out_probe():
         ({"name": "constrained", "beta": 1.5}, "objective.beta: Input should be less than 1"),
         ({"name": "constrained"}, "objective: set exactly one of epsilon"),
         ({"name": "constrained", "epsilon": 1, "beta": 0.5}, "objective: set exactly one of epsilon"),
-        ({"name": "gradnorm"}, "unknown objective 'gradnorm' (valid: conditioned, constrained, mgda, pcgrad, uncertainty, weighted)"),
+        ({"name": "gradnorm"},
+         "unknown objective 'gradnorm' (valid: conditioned, constrained, mgda, pcgrad, uncertainty, weighted)"),
     ],
 )
 def test_bad_objective_settings_are_one_line_errors(section, fragment):
