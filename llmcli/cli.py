@@ -105,8 +105,10 @@ def eval_(
         if checkpoint not in (None, "best", "last"):
             raise UserError(f"--checkpoint: {checkpoint!r} is not allowed (best or last)")
         result = evaluate(run_dir, split=split, checkpoint=checkpoint, log=_log)
-        Console(width=140).print(render_table(result))
-        _log(f"eval: wrote {Path(run_dir) / 'eval' / (split + '.json')}")
+        Console(width=160).print(render_table(result))
+        for w in result["warnings"]:
+            _log(f"warning: {w}")
+        _log(f"eval: wrote {Path(run_dir) / 'eval' / (split + '.json')} and its pictures")
 
     _guard(body)
 
