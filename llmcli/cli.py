@@ -116,25 +116,50 @@ def eval_(
 @app.command()
 def generate(
     run_dir: str = typer.Argument(..., help="A run folder."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text to continue; repeatable (one batch)."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="One prompt per line, batched."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Continuations per prompt."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Default: the run's config."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most probable tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop a continuation at this string (repeatable)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    show_probs: Optional[int] = typer.Option(None, "--show-probs", help="Print the K most probable next tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
 ) -> None:
-    """Continue a prompt with a trained model, streamed to stdout."""
+    """Continue prompts with a trained model; one prompt is streamed to stdout."""
 
     def body() -> None:
-        from llmcli.generate import generate as run
+        import json
 
-        typer.echo(prompt, nl=False)
-        for piece in run(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k if top_k is not None else -1, top_p=top_p, seed=seed, checkpoint=checkpoint):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        typer.echo("")
+        from llmcli.generate import generate as stream
+        from llmcli.generate import generate_all, read_prompts, top_next
+
+        prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])] or [""]
+        kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
+              "top_k": top_k if top_k is not None else -1, "seed": seed, "checkpoint": checkpoint}
+        probs = {p: top_next(run_dir, p, show_probs, checkpoint=checkpoint) for p in prompts} if show_probs else {}
+        if not as_json:
+            for p, top in probs.items():
+                typer.echo(f"next-token probabilities after {p!r}: " + "  ".join(f"{t!r} {q:.4f}" for t, q in top))
+        if len(prompts) == 1 and num_samples == 1 and not as_json:
+            typer.echo(prompts[0], nl=False)
+            for piece in stream(run_dir, prompts[0], **kw):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            typer.echo("")
+            return
+        done = generate_all(run_dir, prompts, num_samples=num_samples, **kw)
+        if as_json:
+            typer.echo(json.dumps({"completions": [c.as_json() for c in done],
+                                   "next_token_probs": {p: [[t, q] for t, q in top] for p, top in probs.items()}},
+                                  ensure_ascii=False))
+            return
+        for c in done:
+            typer.echo(f"--- prompt {prompts.index(c.prompt) + 1}, sample {c.sample + 1} ({c.finish})")
+            typer.echo(c.prompt + c.text)
 
     _guard(body)
 
