@@ -90,25 +90,44 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_dir: str = typer.Argument(..., help="A run folder."),
+    run_dirs: list[str] = typer.Argument(..., help="One run folder, or several for a comparison table."),
     split: str = typer.Option("test", "--split", help="test or val."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best (default when present) or last."),
+    data: Optional[str] = typer.Option(None, "--data", help="Score on this config's data (the run's tokenizer)."),
+    text: list[str] = typer.Option([], "--text", help="Classify this text (repeatable): label + top-3."),
+    file: Optional[str] = typer.Option(None, "--file", help="Classify each line of this file."),
 ) -> None:
-    """Score a run on every domain of its data: per-domain metrics and the in-domain vs OOD gap."""
+    """Score runs on every domain of their data: per-domain metrics and the in-domain vs OOD gap."""
 
     def body() -> None:
         from rich.console import Console
 
         from llmcli.errors import UserError
-        from llmcli.evaluate import evaluate, render_table
 
         if checkpoint not in (None, "best", "last"):
             raise UserError(f"--checkpoint: {checkpoint!r} is not allowed (best or last)")
-        result = evaluate(run_dir, split=split, checkpoint=checkpoint, log=_log)
-        Console(width=160).print(render_table(result))
-        for w in result["warnings"]:
-            _log(f"warning: {w}")
-        _log(f"eval: wrote {Path(run_dir) / 'eval' / (split + '.json')} and its pictures")
+        if text or file:
+            from llmcli.classify import classify, read_texts
+
+            texts = [*text, *(read_texts(file) if file else [])]
+            for run_dir in run_dirs:
+                for r in classify(run_dir, texts, checkpoint=checkpoint):
+                    top = "  ".join(f"{name} {p:.3f}" for name, p in r["top"])
+                    typer.echo(f"{r['label']}\t{top}\t{r['text']}")
+            return
+        from llmcli.evaluate import evaluate, render_comparison, render_table
+
+        console = Console(width=200)
+        results = []
+        for run_dir in run_dirs:
+            result = evaluate(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=_log)
+            results.append(result)
+            console.print(render_table(result))
+            for w in result["warnings"]:
+                _log(f"warning: {run_dir}: {w}")
+        if len(results) > 1:
+            console.print(render_comparison(results))
+        _log(f"eval: wrote eval/{split}*.json and its pictures in {', '.join(run_dirs)}")
 
     _guard(body)
 

@@ -54,6 +54,8 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
             details[d] = {}
             per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss, details=details[d])
     seconds = time.perf_counter() - t0
+    # in-domain = what the run trained on, also when scoring another config's data
+    in_dom = [d for d in t.manifest["train_domains"] if d in per_domain]
     labeled = {d: x for d, x in details.items() if "golds" in x}
     result = {
         "run": str(run_dir),
@@ -61,11 +63,11 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
         "data": str(data_config) if data_config else "run",
         "checkpoint": which,
         "step": t.checkpoint["step"],
-        "in_domain": data.train_domains,
-        "out_of_domain": [d for d in per_domain if d not in data.train_domains],
+        "in_domain": in_dom,
+        "out_of_domain": [d for d in per_domain if d not in in_dom],
         "label_names": data.label_names,
         "domains": per_domain,
-        "gap": gaps(per_domain, data.train_domains) if set(data.train_domains) <= set(per_domain) else {},
+        "gap": gaps(per_domain, in_dom) if in_dom else {},  # no in-domain data: nothing to measure a gap from
         "warnings": sanity_warnings(split, per_domain, labeled, data.label_names, _group_leaks(data, split)),
         "confusion": {d: _confusion(x, len(data.label_names)) for d, x in labeled.items()},
         "calibration": {d: reliability_bins(x["probs"], x["golds"]) for d, x in labeled.items()},
@@ -182,3 +184,32 @@ def _fmt(x: Any) -> str:
     if isinstance(x, int):
         return str(x)
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
+
+
+COMPARE_COLS = ("acc", "macro_f1", "ece", "ppl", "bpb")
+
+
+def render_comparison(results: list[dict[str, Any]]) -> Any:
+    """One table for several runs: rows = runs, columns = in-domain and mean out-of-domain metrics and gaps."""
+    from rich.table import Table
+
+    table = Table(title=f"{len(results)} runs  [{results[0]['split']} split]")
+    table.add_column("run")
+    for c in COMPARE_COLS:
+        table.add_column(f"in {c}", justify="right")
+    for c in COMPARE_COLS:
+        table.add_column(f"ood {c}", justify="right")
+    table.add_column("gap_acc", justify="right")
+    for r in results:
+        table.add_row(Path(r["run"]).name, *[_fmt(v) for v in _side(r, r["in_domain"])],
+                      *[_fmt(v) for v in _side(r, r["out_of_domain"])], _fmt(r["gap"].get("mean", {}).get("gap_acc")))
+    return table
+
+
+def _side(result: dict[str, Any], domains: list[str]) -> list[float | None]:
+    """Mean of each comparison metric over some domains (None when no domain has it)."""
+    out = []
+    for c in COMPARE_COLS:
+        vals = [result["domains"][d][c] for d in domains if c in result["domains"].get(d, {})]
+        out.append(float(np.mean(vals)) if vals else None)
+    return out

@@ -167,6 +167,78 @@ def test_eval_cli_prints_warnings_and_rejects_a_bad_split(tiny_run, tmp_path):
     out = CliRunner().invoke(app, ["eval", str(run)])
     assert out.exit_code == 0 and "macro_recall" in out.stdout and "ece" in out.stdout
     saved = json.loads((run / "eval" / "test.json").read_text())
-    assert all(f"warning: {w}" in out.stderr for w in saved["warnings"])
+    assert all(f"warning: {run}: {w}" in out.stderr for w in saved["warnings"])
     bad = CliRunner().invoke(app, ["eval", str(run), "--split", "train"])
     assert bad.exit_code == 2 and bad.stderr.strip() == "error: --split: 'train' is not a split (allowed: val, test)"
+
+
+def _other_config(tmp_path, processed_dir, **source):
+    from .conftest import TINY
+
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["data"]["source"].update(source)
+    cfg["data"]["processed_dir"] = str(processed_dir)
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_eval_on_another_data_config_scores_through_the_runs_tokenizer(tiny_run, tmp_path, processed_dir):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    own = evaluate(run, plots=False, **QUIET)
+    other = _other_config(tmp_path, processed_dir, versions=["web", "kjv"])
+    res = evaluate(run, data_config=other, plots=False, **QUIET)
+    # the same chapters of the same versions through the same tokenizer: the same scores
+    assert set(res["domains"]) == {"web", "kjv"} and res["in_domain"] == ["kjv"]
+    for d in ("web", "kjv"):
+        assert res["domains"][d] == pytest.approx(own["domains"][d])
+    assert res["gap"]["web"]["gap_acc"] == pytest.approx(own["gap"]["web"]["gap_acc"])
+    assert (run / "eval" / "test-other.json").is_file() and res["data"] == str(other)
+
+
+def test_eval_on_a_config_with_another_label_set_is_a_clear_error(tiny_run, tmp_path, processed_dir):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    other = _other_config(tmp_path, processed_dir, label="testament")
+    out = CliRunner().invoke(app, ["eval", str(tiny_run), "--data", str(other)])
+    assert out.exit_code == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert f"error: {other}: data.source gives labels" in out.stderr and "--data needs the same label set" in out.stderr
+
+
+def test_eval_of_several_runs_prints_one_comparison_table(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+    from llmcli.evaluate import _side
+
+    a, b = tmp_path / "run-a", tmp_path / "run-b"
+    shutil.copytree(tiny_run, a)
+    shutil.copytree(tiny_run, b)
+    out = CliRunner().invoke(app, ["eval", str(a), str(b)])
+    assert out.exit_code == 0, out.output
+    assert "2 runs" in out.stdout and "run-a" in out.stdout and "run-b" in out.stdout and "ood acc" in out.stdout
+    res = json.loads((a / "eval" / "test.json").read_text())
+    ood = _side(res, res["out_of_domain"])
+    assert ood[0] == pytest.approx((res["domains"]["web"]["acc"] + res["domains"]["wyc"]["acc"]) / 2)
+
+
+def test_classify_texts_gives_top3_labels_independent_of_batch_padding(tiny_run, tmp_path):
+    from llmcli.classify import classify, read_texts
+
+    short, long = "And God said", "In the beginning God created the heaven and the earth " * 10
+    both = classify(tiny_run, [short, long])
+    alone = classify(tiny_run, [short])[0]
+    assert both[0]["label"] == alone["label"]
+    assert [p for _, p in both[0]["top"]] == pytest.approx([p for _, p in alone["top"]], abs=1e-5)
+    for r in both:
+        probs = [p for _, p in r["top"]]
+        assert len(r["top"]) == 3 and r["label"] == r["top"][0][0] and probs == sorted(probs, reverse=True)
+    f = tmp_path / "t.txt"
+    f.write_text(f"{short}\n\n{long}\n")
+    assert read_texts(f) == [short, long]
+    f.write_text("")
+    with pytest.raises(UserError, match="texts file is empty"):
+        read_texts(f)

@@ -42,11 +42,17 @@ def processed_path(data_cfg: Any) -> Path:
     return Path(data_cfg.processed_dir) / f"{data_cfg.source.name}-{sha256_json(data_key(data_cfg))[:12]}"
 
 
-def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
-    """Build (or find) the processed data for a data config; returns its folder."""
+def preprocess(data_cfg: Any, *, log: Any = print, tokenizer_path: Path | None = None, source: Any = None) -> Path:
+    """Build (or find) the processed data for a data config; returns its folder.
+
+    tokenizer_path: encode with this tokenizer.json (scoring a run on another corpus) instead of training one;
+    the folder name then carries its hash. source: the already-built source of `data_cfg`, if at hand.
+    """
     from filelock import FileLock
 
     out = processed_path(data_cfg)
+    if tokenizer_path is not None:
+        out = out.with_name(f"{out.name}-tok{hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:8]}")
     if (out / "manifest.json").is_file():
         log(f"preprocess: {out} is up to date, nothing to do")
         return out
@@ -60,7 +66,7 @@ def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            _build(data_cfg, tmp, out.name, log)
+            _build(data_cfg, tmp, out.name, log, tokenizer_path, source)
             if out.exists():  # a stale, manifest-less folder from a crash before this lock existed
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -69,9 +75,10 @@ def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
     return out
 
 
-def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
+def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any, tokenizer_path: Path | None = None,
+           source: Any = None) -> None:
     t0 = time.perf_counter()
-    src = registry("source").build(data_cfg.source)
+    src = source if source is not None else registry("source").build(data_cfg.source)
     records = src.records
     domains = src.domains
     train_domains = data_cfg.train_domains or domains[:1]
@@ -85,9 +92,14 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     if not in_train.any():
         raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
 
-    log(f"preprocess: {len(records)} records, {len(domains)} domains; training the tokenizer ...")
-    train_texts = [r.text for r, keep in zip(records, in_train) if keep]
-    tok = registry("tokenizer").build(data_cfg.tokenizer, texts=train_texts)
+    if tokenizer_path is not None:
+        from llmcli.data.tokenizers import TextTokenizer
+
+        tok = TextTokenizer.load(tokenizer_path)
+    else:
+        log(f"preprocess: {len(records)} records, {len(domains)} domains; training the tokenizer ...")
+        train_texts = [r.text for r, keep in zip(records, in_train) if keep]
+        tok = registry("tokenizer").build(data_cfg.tokenizer, texts=train_texts)
     if tok.vocab_size > 65535:
         raise UserError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token arrays")
 

@@ -1,0 +1,28 @@
+"""Another data config's records, tokenized with a run's own tokenizer: scoring a model on a corpus it never saw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmcli.errors import UserError
+
+
+def tokenized_with_run(config: Path, run_dir: Path, trained: Any, *, log: Any = print) -> Any:
+    """ProcessedData of `config`'s data through RUN_DIR/tokenizer.json, cut to the run's max_len.
+
+    The label set must be the run's (same names, same order): the classification head knows no other.
+    """
+    from llmcli.config import load_config
+    from llmcli.data.dataset import ProcessedData
+    from llmcli.data.preprocess import preprocess
+    from llmcli.registry import registry
+
+    other = load_config(Path(config))
+    data_cfg = other.data.model_copy(update={"max_len": trained.cfg.data.max_len})
+    source = registry("source").build(data_cfg.source)
+    want = trained.manifest["label_names"]
+    if list(source.label_names) != list(want):
+        raise UserError(f"{config}: data.source gives labels {list(source.label_names)}, but the run "
+                        f"{run_dir} was trained on {want}; --data needs the same label set")
+    return ProcessedData(preprocess(data_cfg, log=log, tokenizer_path=Path(run_dir) / "tokenizer.json", source=source))
