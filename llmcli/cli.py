@@ -183,6 +183,29 @@ def generate(
     _guard(body)
 
 
+@app.command()
+def compress(
+    run_dir: str = typer.Argument(..., help="A run folder."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 Linear layers (CPU)."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Zero this fraction of each Linear weight (L1)."),
+    split: str = typer.Option("test", "--split", help="Split for the side-by-side eval (test or val)."),
+    runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where the new run goes (default: beside RUN_DIR)."),
+) -> None:
+    """Write a pruned and/or int8 copy of a run as a new run folder; compare size, latency, metrics."""
+
+    def body() -> None:
+        from rich.console import Console
+
+        from llmcli.compress import compress as run
+        from llmcli.compress import render_report, side_by_side
+
+        out = run(run_dir, quantize=quantize, prune=prune, runs_dir=runs_dir, log=_log)
+        Console(width=140, stderr=True).print(render_report(side_by_side(Path(run_dir), out, split=split, log=_log)))
+        typer.echo(out)
+
+    _guard(body)
+
+
 @app.command("sweep-alpha")
 def sweep_alpha(
     config: Optional[str] = typer.Argument(None, help="Experiment config (YAML); omit with --resume."),

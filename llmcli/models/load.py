@@ -40,6 +40,11 @@ def load_trained(run_dir: Path, which: str = "best") -> Trained:
     tensors, side = load_checkpoint(path)
     model = build_model(cfg.model, vocab_size=manifest["vocab_size"], n_classes=len(manifest["label_names"]),
                         max_len=cfg.data.max_len)
-    restore_model(model, tensors, path)
+    if side.get("compression"):  # written by `llmcli compress`: int8 layers are re-quantised as recorded
+        from llmcli.compress import restore_compressed
+
+        restore_compressed(model, tensors, side["compression"], path)
+    else:
+        restore_model(model, tensors, path)
     model.eval()
     return Trained(cfg, model, TextTokenizer.load(run_dir / "tokenizer.json"), manifest, side)
