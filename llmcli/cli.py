@@ -176,8 +176,8 @@ def generate(
                                    "next_token_probs": {p: [[t, q] for t, q in top] for p, top in probs.items()}},
                                   ensure_ascii=False))
             return
-        for c in done:
-            typer.echo(f"--- prompt {prompts.index(c.prompt) + 1}, sample {c.sample + 1} ({c.finish})")
+        for i, c in enumerate(done):  # prompt-major order: num_samples rows per prompt
+            typer.echo(f"--- prompt {i // num_samples + 1}, sample {c.sample + 1} ({c.finish})")
             typer.echo(c.prompt + c.text)
 
     _guard(body)
