@@ -42,7 +42,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
     t = load_trained(run_dir, which)
     cfg = t.cfg
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    data = _data(run_dir, t, data_config, log)
+    data, leaks = _data(run_dir, t, data_config, split, log)
     task_loss = registry("task_loss").build(cfg.task_loss, n_classes=len(data.label_names))
     t0 = time.perf_counter()
     per_domain, details = {}, {}
@@ -68,7 +68,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
         "label_names": data.label_names,
         "domains": per_domain,
         "gap": gaps(per_domain, in_dom) if in_dom else {},  # no in-domain data: nothing to measure a gap from
-        "warnings": sanity_warnings(split, per_domain, labeled, data.label_names, _group_leaks(data, split)),
+        "warnings": sanity_warnings(split, per_domain, labeled, data.label_names, leaks),
         "confusion": {d: _confusion(x, len(data.label_names)) for d, x in labeled.items()},
         "calibration": {d: reliability_bins(x["probs"], x["golds"]) for d, x in labeled.items()},
         "seconds": round(seconds, 2),
@@ -94,20 +94,22 @@ def draw(run_dir: Path, result: dict[str, Any], stem: str) -> list[Path]:
     return out + ([curves] if curves else [])
 
 
-def _data(run_dir: Path, t: Any, data_config: str | Path | None, log: Any) -> Any:
-    """The processed data to score on: the run's own, or another config's tokenized with the run's tokenizer."""
+def _data(run_dir: Path, t: Any, data_config: str | Path | None, split: str, log: Any) -> tuple[Any, int]:
+    """The data to score on (the run's own, or another config's through the run's tokenizer) and the number
+    of groups of `split` the run trained on."""
     from llmcli.data.dataset import ProcessedData
     from llmcli.data.preprocess import preprocess
 
     if data_config is not None:
         from llmcli.data.rescore import tokenized_with_run
 
-        return tokenized_with_run(Path(data_config), run_dir, t, log=log)
+        data, seen = tokenized_with_run(Path(data_config), run_dir, t, log=log)
+        return data, seen[split]
     data = ProcessedData(preprocess(t.cfg.data, log=log))  # rebuilt from the saved config if the cache is gone
     tok_sha = hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest()
     if data.manifest["tokenizer_sha256"] != tok_sha:
         raise UserError(f"{run_dir}: the processed data at {data.path} was tokenized differently from this run")
-    return data
+    return data, _group_leaks(data, split)
 
 
 def _confusion(x: dict[str, np.ndarray], n_classes: int) -> list[list[int]]:
@@ -148,7 +150,7 @@ def sanity_warnings(split: str, per_domain: dict[str, dict[str, float]], labeled
         if missing:
             out.append(f"{d}: class(es) missing from the {split} split: {', '.join(missing)}")
     if group_leaks:
-        out.append(f"{group_leaks} group(s) of the {split} split also appear in the train split (leak)")
+        out.append(f"{group_leaks} group(s) of the {split} split also appear in the run's train split (leak)")
     return out
 
 

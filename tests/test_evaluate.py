@@ -109,7 +109,7 @@ def test_sanity_warnings_name_each_problem():
     assert "bad: acc 0.600 is not above chance" in text and "good: acc" not in text
     assert "bad: task_loss 1.100 is not clearly below ln(C) = 1.099" in text
     assert "good: class(es) missing from the test split: c" in text and "bad: class(es) missing" in text
-    assert "2 group(s) of the test split also appear in the train split" in text
+    assert "2 group(s) of the test split also appear in the run's train split" in text
     assert sanity_warnings("val", {"x": {"n": 100, "acc": 0.9, "task_loss": 0.1}},
                            {"x": {"golds": np.array([0, 1, 2] * 40)}}, labels, 0) == []
 
@@ -195,6 +195,17 @@ def test_eval_on_another_data_config_scores_through_the_runs_tokenizer(tiny_run,
         assert res["domains"][d] == pytest.approx(own["domains"][d])
     assert res["gap"]["web"]["gap_acc"] == pytest.approx(own["gap"]["web"]["gap_acc"])
     assert (run / "eval" / "test-other.json").is_file() and res["data"] == str(other)
+    assert not any("leak" in w for w in res["warnings"])
+
+
+def test_eval_on_another_split_seed_warns_that_the_run_trained_on_those_chapters(tiny_run, tmp_path, processed_dir):
+    other = _other_config(tmp_path, processed_dir, versions=["kjv"])
+    cfg = yaml.safe_load(other.read_text())
+    cfg["data"]["split"]["seed"] = 1  # other chapters held out: many were in the run's training split
+    other.write_text(yaml.safe_dump(cfg))
+    res = evaluate(shutil.copytree(tiny_run, tmp_path / "run"), data_config=other, plots=False,
+                   **QUIET)
+    assert any("of the test split also appear in the run's train split (leak)" in w for w in res["warnings"])
 
 
 def test_eval_on_a_config_with_another_label_set_is_a_clear_error(tiny_run, tmp_path, processed_dir):

@@ -8,8 +8,9 @@ from typing import Any
 from llmcli.errors import UserError
 
 
-def tokenized_with_run(config: Path, run_dir: Path, trained: Any, *, log: Any = print) -> Any:
-    """ProcessedData of `config`'s data through RUN_DIR/tokenizer.json, cut to the run's max_len.
+def tokenized_with_run(config: Path, run_dir: Path, trained: Any, *, log: Any = print) -> tuple[Any, dict[str, int]]:
+    """ProcessedData of `config`'s data through RUN_DIR/tokenizer.json, cut to the run's max_len, and per split
+    (val, test) the number of its groups that the run's own split put into training.
 
     The label set must be the run's (same names, same order): the classification head knows no other.
     """
@@ -25,4 +26,18 @@ def tokenized_with_run(config: Path, run_dir: Path, trained: Any, *, log: Any = 
     if list(source.label_names) != list(want):
         raise UserError(f"{config}: data.source gives labels {list(source.label_names)}, but the run "
                         f"{run_dir} was trained on {want}; --data needs the same label set")
-    return ProcessedData(preprocess(data_cfg, log=log, tokenizer_path=Path(run_dir) / "tokenizer.json", source=source))
+    data = ProcessedData(preprocess(data_cfg, log=log, tokenizer_path=Path(run_dir) / "tokenizer.json", source=source))
+    return data, trained_on(source.records, data_cfg.split, trained.cfg.data.split)
+
+
+def trained_on(records: list[Any], split: Any, run_split: Any) -> dict[str, int]:
+    """Per split of `split` (val, test): its groups that `run_split` assigns to train (the run has seen them)."""
+    from llmcli.data.preprocess import split_of_group
+
+    groups = {r.group for r in records}
+    out = {"val": set(), "test": set()}
+    for g in groups:
+        mine = split_of_group(g, split.seed, split.val, split.test)
+        if mine and split_of_group(g, run_split.seed, run_split.val, run_split.test) == 0:
+            out[("val", "test")[mine - 1]].add(g)
+    return {k: len(v) for k, v in out.items()}
