@@ -159,7 +159,7 @@ def generate(
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])] or [""]
         kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
               "top_k": top_k if top_k is not None else -1, "seed": seed, "checkpoint": checkpoint}
-        probs = {p: top_next(run_dir, p, show_probs, checkpoint=checkpoint) for p in prompts} if show_probs else {}
+        probs = top_next(run_dir, prompts, show_probs, checkpoint=checkpoint) if show_probs is not None else {}
         if not as_json:
             for p, top in probs.items():
                 typer.echo(f"next-token probabilities after {p!r}: " + "  ".join(f"{t!r} {q:.4f}" for t, q in top))

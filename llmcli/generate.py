@@ -237,19 +237,23 @@ def generate(run_dir: str | Path, prompt: str, *, seed: int | None = None, check
             shown = text
 
 
-def top_next(run_dir: str | Path, prompt: str, k: int, *, checkpoint: str = "best") -> list[tuple[str, float]]:
-    """The k most probable next tokens after `prompt` (temperature 1) with their probabilities."""
+def top_next(run_dir: str | Path, prompts: Sequence[str], k: int, *,
+             checkpoint: str = "best") -> dict[str, list[tuple[str, float]]]:
+    """Per prompt: the k most probable next tokens (temperature 1) with their probabilities."""
     import torch
 
     if k < 1:
         raise UserError(f"--show-probs: must be >= 1, got {k}")
     t = _load(run_dir, checkpoint)
-    ids = _prompt_ids(t.tokenizer, prompt, t.model.backbone.block_size)
-    with torch.inference_mode():
-        h, _ = t.model.backbone(torch.tensor([ids]))  # (1, T, D)
-        probs = t.model.lm_head(h[:, -1]).float().softmax(-1)[0]  # (V,)
-    p, i = torch.topk(probs, min(k, probs.numel()))
-    return [(t.tokenizer.decode([int(j)]), float(q)) for q, j in zip(p, i)]
+    out = {}
+    for prompt in prompts:
+        ids = _prompt_ids(t.tokenizer, prompt, t.model.backbone.block_size)
+        with torch.inference_mode():
+            h, _ = t.model.backbone(torch.tensor([ids]))  # (1, T, D)
+            probs = t.model.lm_head(h[:, -1]).float().softmax(-1)[0]  # (V,)
+        p, i = torch.topk(probs, min(k, probs.numel()))
+        out[prompt] = [(t.tokenizer.decode([int(j)]), float(q)) for q, j in zip(p, i)]
+    return out
 
 
 def read_prompts(path: str | Path) -> list[str]:

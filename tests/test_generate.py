@@ -156,11 +156,13 @@ def test_stop_string_ends_the_text_before_it(tiny_run):
 def test_show_probs_are_the_models_next_token_distribution(tiny_run):
     from llmcli.generate import top_next
 
-    top = top_next(tiny_run, "In the beginning", 5)
+    top = top_next(tiny_run, ["And", "In the beginning"], 5)["In the beginning"]
     probs = [p for _, p in top]
     assert len(top) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     greedy = text(tiny_run, temperature=0, max_new_tokens=1, min_new_tokens=1)
     assert greedy == top[0][0]
+    with pytest.raises(UserError, match="--show-probs: must be >= 1"):
+        top_next(tiny_run, ["And"], 0)
 
 
 def test_prompts_file(tmp_path):
