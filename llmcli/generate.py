@@ -107,6 +107,8 @@ def decode_steps(model: Any, rows: Sequence[Sequence[int]], s: Sampling, gen: An
     for i, r in enumerate(rows):
         ctx[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
     pad = torch.tensor([width - n for n in lens])  # (B,)
+    if bool(pad.any()) and not takes_padding(backbone):
+        raise ValueError(f"{type(backbone).__name__} cannot batch rows of different lengths; decode them apart")
 
     def run(x: Any, cache: Any = None) -> tuple[Any, Any]:
         return backbone(x, cache, pad=pad) if bool(pad.any()) else backbone(x, cache)
