@@ -93,23 +93,44 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_dir: str = typer.Argument(..., help="A run folder."),
+    run_dirs: list[str] = typer.Argument(..., help="One run folder, or several for a comparison table."),
     split: str = typer.Option("test", "--split", help="test or val."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best (default when present) or last."),
+    data: Optional[str] = typer.Option(None, "--data", help="Score on this config's data (the run's tokenizer)."),
+    text: list[str] = typer.Option([], "--text", help="Classify this text (repeatable): label + top-3."),
+    file: Optional[str] = typer.Option(None, "--file", help="Classify each line of this file."),
 ) -> None:
-    """Score a run on every domain of its data: per-domain metrics and the in-domain vs OOD gap."""
+    """Score runs on every domain of their data: per-domain metrics and the in-domain vs OOD gap."""
 
     def body() -> None:
         from rich.console import Console
 
         from llmcli.errors import UserError
-        from llmcli.evaluate import evaluate, render_table
 
         if checkpoint not in (None, "best", "last"):
             raise UserError(f"--checkpoint: {checkpoint!r} is not allowed (best or last)")
-        result = evaluate(run_dir, split=split, checkpoint=checkpoint, log=_log)
-        Console(width=140).print(render_table(result))
-        _log(f"eval: wrote {Path(run_dir) / 'eval' / (split + '.json')}")
+        if text or file:
+            from llmcli.classify import classify, read_texts
+
+            texts = [*text, *(read_texts(file) if file else [])]
+            for run_dir in run_dirs:
+                for r in classify(run_dir, texts, checkpoint=checkpoint):
+                    top = "  ".join(f"{name} {p:.3f}" for name, p in r["top"])
+                    typer.echo(f"{r['label']}\t{top}\t{r['text']}")
+            return
+        from llmcli.evaluate import evaluate, render_comparison, render_table
+
+        console = Console(width=200)
+        results = []
+        for run_dir in run_dirs:
+            result = evaluate(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=_log)
+            results.append(result)
+            console.print(render_table(result))
+            for w in result["warnings"]:
+                _log(f"warning: {run_dir}: {w}")
+        if len(results) > 1:
+            console.print(render_comparison(results))
+        _log(f"eval: wrote eval/{split}*.json and its pictures in {', '.join(run_dirs)}")
 
     _guard(body)
 
@@ -117,25 +138,73 @@ def eval_(
 @app.command()
 def generate(
     run_dir: str = typer.Argument(..., help="A run folder."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text to continue; repeatable (one batch)."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="One prompt per line, batched."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Continuations per prompt."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Default: the run's config."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most probable tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop a continuation at this string (repeatable)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    show_probs: Optional[int] = typer.Option(None, "--show-probs", help="Print the K most probable next tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
 ) -> None:
-    """Continue a prompt with a trained model, streamed to stdout."""
+    """Continue prompts with a trained model; one prompt is streamed to stdout."""
 
     def body() -> None:
-        from llmcli.generate import generate as run
+        import json
 
-        typer.echo(prompt, nl=False)
-        for piece in run(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k if top_k is not None else -1, top_p=top_p, seed=seed, checkpoint=checkpoint):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        typer.echo("")
+        from llmcli.generate import generate as stream
+        from llmcli.generate import generate_all, read_prompts, top_next
+
+        prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])] or [""]
+        kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
+              "top_k": top_k if top_k is not None else -1, "seed": seed, "checkpoint": checkpoint}
+        probs = top_next(run_dir, prompts, show_probs, checkpoint=checkpoint) if show_probs is not None else {}
+        if not as_json:
+            for p, top in probs.items():
+                typer.echo(f"next-token probabilities after {p!r}: " + "  ".join(f"{t!r} {q:.4f}" for t, q in top))
+        if len(prompts) == 1 and num_samples == 1 and not as_json:
+            typer.echo(prompts[0], nl=False)
+            for piece in stream(run_dir, prompts[0], **kw):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            typer.echo("")
+            return
+        done = generate_all(run_dir, prompts, num_samples=num_samples, **kw)
+        if as_json:
+            typer.echo(json.dumps({"completions": [c.as_json() for c in done],
+                                   "next_token_probs": {p: [[t, q] for t, q in top] for p, top in probs.items()}},
+                                  ensure_ascii=False))
+            return
+        for i, c in enumerate(done):  # prompt-major order: num_samples rows per prompt
+            typer.echo(f"--- prompt {i // num_samples + 1}, sample {c.sample + 1} ({c.finish})")
+            typer.echo(c.prompt + c.text)
+
+    _guard(body)
+
+
+@app.command()
+def compress(
+    run_dir: str = typer.Argument(..., help="A run folder."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 Linear layers (CPU)."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Zero this fraction of each Linear weight (L1)."),
+    split: str = typer.Option("test", "--split", help="Split for the side-by-side eval (test or val)."),
+    runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where the new run goes (default: beside RUN_DIR)."),
+) -> None:
+    """Write a pruned and/or int8 copy of a run as a new run folder; compare size, latency, metrics."""
+
+    def body() -> None:
+        from rich.console import Console
+
+        from llmcli.compress import compress as run
+        from llmcli.compress import render_report, side_by_side
+
+        out = run(run_dir, quantize=quantize, prune=prune, runs_dir=runs_dir, log=_log)
+        Console(width=140, stderr=True).print(render_report(side_by_side(Path(run_dir), out, split=split, log=_log)))
+        typer.echo(out)
 
     _guard(body)
 

@@ -1,69 +1,167 @@
-"""`llmcli eval`: score a run on every domain of its data, report the in-domain vs OOD gap."""
+"""`llmcli eval`: score a run on every domain of its data, report the in-domain vs OOD gap.
+
+eval/<split>.json holds, besides the per-domain metrics and gaps, each domain's confusion matrix and
+reliability bins (the pictures beside it are drawn from them) and the sanity warnings.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_json
 
 SPLITS = ("val", "test")
+MIN_EXAMPLES = 100  # below this a split's score is not evidence
+NEAR_LN_C = 0.95  # task loss above this share of ln(C) means the classifier is still near uniform
 
 
 def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
-             log: Any = print) -> dict[str, Any]:
-    """Per-domain metrics and gaps for one split; written to RUN_DIR/eval/<split>.json and returned."""
+             data_config: str | Path | None = None, plots: bool = True, log: Any = print) -> dict[str, Any]:
+    """Per-domain metrics, gaps and warnings for one split; written to RUN_DIR/eval/<split>.json and returned.
+
+    data_config: score on another data config's split instead (through the run's own tokenizer); the result
+    then goes to RUN_DIR/eval/<split>-<config stem>.json.
+    """
     import torch
 
-    from llmcli.data.dataset import ProcessedData
-    from llmcli.data.preprocess import preprocess
     from llmcli.losses import class_counts
-    from llmcli.metrics import gaps, score
+    from llmcli.metrics import gaps, reliability_bins, score
     from llmcli.models.load import load_trained
     from llmcli.registry import registry
 
     if split not in SPLITS:
         raise UserError(f"--split: {split!r} is not a split (allowed: {', '.join(SPLITS)})")
     run_dir = Path(run_dir)
-    t = load_trained(run_dir, checkpoint or _default_checkpoint(run_dir))
+    which = checkpoint or _default_checkpoint(run_dir)
+    t = load_trained(run_dir, which)
     cfg = t.cfg
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    data = ProcessedData(preprocess(cfg.data, log=log))  # rebuilt from the saved config if the cache is gone
-    tok_sha = hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest()
-    if data.manifest["tokenizer_sha256"] != tok_sha:
-        raise UserError(f"{run_dir}: the processed data at {data.path} was tokenized differently from this run")
+    data, leaks = _data(run_dir, t, data_config, split, log)
     n_classes = len(data.label_names)
     counts = class_counts(data.labels[data.indices("train", data.train_domains + data.lm_only_domains)], n_classes)
     task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
     t0 = time.perf_counter()
-    per_domain = {}
+    per_domain, details = {}, {}
     for d in data.domains:
         idx = data.indices(split, [d])
         if cfg.eval.max_examples:
             idx = idx[: cfg.eval.max_examples]
         if len(idx):
-            per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss)
+            details[d] = {}
+            per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss, details=details[d])
+    seconds = time.perf_counter() - t0
+    # in-domain = what the run trained on, also when scoring another config's data
+    in_dom = [d for d in t.manifest["train_domains"] if d in per_domain]
+    labeled = {d: x for d, x in details.items() if "golds" in x}
     result = {
         "run": str(run_dir),
         "split": split,
-        "checkpoint": checkpoint or _default_checkpoint(run_dir),
+        "data": str(data_config) if data_config else "run",
+        "checkpoint": which,
         "step": t.checkpoint["step"],
-        "in_domain": data.train_domains,
-        "out_of_domain": [d for d in per_domain if d not in data.train_domains],
+        "in_domain": in_dom,
+        "out_of_domain": [d for d in per_domain if d not in in_dom],
+        "label_names": data.label_names,
         "domains": per_domain,
-        "gap": gaps(per_domain, data.train_domains),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "gap": gaps(per_domain, in_dom) if in_dom else {},  # no in-domain data: nothing to measure a gap from
+        "warnings": sanity_warnings(split, per_domain, labeled, data.label_names, leaks),
+        "confusion": {d: _confusion(x, len(data.label_names)) for d, x in labeled.items()},
+        "calibration": {d: reliability_bins(x["probs"], x["golds"]) for d, x in labeled.items()},
+        "seconds": round(seconds, 2),
+        "ms_per_example": round(1000 * seconds / max(sum(m["n"] for m in per_domain.values()), 1), 4),
     }
+    stem = split if not data_config else f"{split}-{Path(data_config).stem}"
     (run_dir / "eval").mkdir(exist_ok=True)
-    atomic_write_json(run_dir / "eval" / f"{split}.json", result)
+    atomic_write_json(run_dir / "eval" / f"{stem}.json", result)
+    if plots:
+        draw(run_dir, result, stem)
     return result
+
+
+def draw(run_dir: Path, result: dict[str, Any], stem: str) -> list[Path]:
+    """The pictures of an eval result: eval/<stem>-confusion.png, eval/<stem>-reliability.png, curves.png."""
+    from llmcli.plots import confusion_png, curves_png, reliability_png
+
+    out = []
+    if result["confusion"]:
+        out.append(confusion_png(result, run_dir / "eval" / f"{stem}-confusion.png"))
+        out.append(reliability_png(result, run_dir / "eval" / f"{stem}-reliability.png"))
+    curves = curves_png(run_dir)
+    return out + ([curves] if curves else [])
+
+
+def _data(run_dir: Path, t: Any, data_config: str | Path | None, split: str, log: Any) -> tuple[Any, int]:
+    """The data to score on (the run's own, or another config's through the run's tokenizer) and the number
+    of groups of `split` the run trained on."""
+    from llmcli.data.dataset import ProcessedData
+    from llmcli.data.preprocess import preprocess
+
+    if data_config is not None:
+        from llmcli.data.rescore import tokenized_with_run
+
+        data, seen = tokenized_with_run(Path(data_config), run_dir, t, log=log)
+        return data, seen[split]
+    data = ProcessedData(preprocess(t.cfg.data, log=log))  # rebuilt from the saved config if the cache is gone
+    tok_sha = hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest()
+    if data.manifest["tokenizer_sha256"] != tok_sha:
+        raise UserError(f"{run_dir}: the processed data at {data.path} was tokenized differently from this run")
+    return data, _group_leaks(data, split)
+
+
+def _confusion(x: dict[str, np.ndarray], n_classes: int) -> list[list[int]]:
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(x["golds"], x["probs"].argmax(-1), labels=list(range(n_classes))).tolist()
+
+
+def _group_leaks(data: Any, split: str) -> int:
+    """Groups (e.g. chapters) of `split` that also occur in the train split: leaked evidence."""
+    path = Path(data.path) / "groups.npy"
+    if not path.is_file():
+        return 0
+    groups = np.load(path)
+    train = set(groups[data.indices("train")].tolist())
+    return len(set(groups[data.indices(split)].tolist()) & train)
+
+
+def sanity_warnings(split: str, per_domain: dict[str, dict[str, float]], labeled: dict[str, dict[str, np.ndarray]],
+                    label_names: list[str], group_leaks: int) -> list[str]:
+    """Reasons not to trust a score: small split, chance-level accuracy, near-uniform loss, missing class, leak."""
+    out = []
+    n_classes = len(label_names)
+    for d, m in per_domain.items():
+        if m["n"] < MIN_EXAMPLES:
+            out.append(f"{d}: the {split} split has {m['n']} examples (< {MIN_EXAMPLES}); its scores are not evidence")
+        if d not in labeled:
+            continue
+        golds = labeled[d]["golds"]
+        counts = np.bincount(golds, minlength=n_classes)
+        chance = counts.max() / counts.sum()  # the majority-class rate: a constant guess scores this much
+        if m["acc"] <= chance:
+            out.append(f"{d}: acc {m['acc']:.3f} is not above chance (majority class {chance:.3f})")
+        if n_classes > 1 and m["task_loss"] >= NEAR_LN_C * math.log(n_classes):
+            out.append(f"{d}: task_loss {m['task_loss']:.3f} is not clearly below ln(C) = {math.log(n_classes):.3f}, "
+                       f"the loss of a uniform guess over {n_classes} classes")
+        missing = [label_names[c] for c in np.flatnonzero(counts == 0)]
+        if missing:
+            out.append(f"{d}: class(es) missing from the {split} split: {', '.join(missing)}")
+    if group_leaks:
+        out.append(f"{group_leaks} group(s) of the {split} split also appear in the run's train split (leak)")
+    return out
 
 
 def _default_checkpoint(run_dir: Path) -> str:
     return "best" if (run_dir / "checkpoints" / "best.safetensors").is_file() else "last"
+
+
+TABLE_COLS = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "macro_recall", "ece")
 
 
 def render_table(result: dict[str, Any]) -> Any:
@@ -72,17 +170,16 @@ def render_table(result: dict[str, Any]) -> Any:
 
     table = Table(title=f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
                         f"step {result['step']}]")
-    cols = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "gap_acc")
     table.add_column("domain")
-    for c in cols:
+    for c in (*TABLE_COLS, "gap_acc"):
         table.add_column(c, justify="right")
     for d, m in result["domains"].items():
         gap = result["gap"].get(d, {}).get("gap_acc")
         name = f"{d} (in-domain)" if d in result["in_domain"] else d
-        cells = [_fmt(m.get(c)) for c in cols[:-1]] + [_fmt(gap)]
-        table.add_row(name, *cells)
+        table.add_row(name, *[_fmt(m.get(c)) for c in TABLE_COLS], _fmt(gap))
     if "mean" in result["gap"]:
-        table.add_row("mean OOD gap", *[""] * 6, "", _fmt(result["gap"]["mean"].get("gap_acc")))
+        mean = result["gap"]["mean"]
+        table.add_row("mean OOD gap", "", *[_fmt(mean.get(f"gap_{c}")) for c in TABLE_COLS[1:]], _fmt(mean.get("gap_acc")))
     return table
 
 
@@ -92,3 +189,32 @@ def _fmt(x: Any) -> str:
     if isinstance(x, int):
         return str(x)
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
+
+
+COMPARE_COLS = ("acc", "macro_f1", "ece", "ppl", "bpb")
+
+
+def render_comparison(results: list[dict[str, Any]]) -> Any:
+    """One table for several runs: rows = runs, columns = in-domain and mean out-of-domain metrics and gaps."""
+    from rich.table import Table
+
+    table = Table(title=f"{len(results)} runs  [{results[0]['split']} split]")
+    table.add_column("run")
+    for c in COMPARE_COLS:
+        table.add_column(f"in {c}", justify="right")
+    for c in COMPARE_COLS:
+        table.add_column(f"ood {c}", justify="right")
+    table.add_column("gap_acc", justify="right")
+    for r in results:
+        table.add_row(Path(r["run"]).name, *[_fmt(v) for v in _side(r, r["in_domain"])],
+                      *[_fmt(v) for v in _side(r, r["out_of_domain"])], _fmt(r["gap"].get("mean", {}).get("gap_acc")))
+    return table
+
+
+def _side(result: dict[str, Any], domains: list[str]) -> list[float | None]:
+    """Mean of each comparison metric over some domains (None when no domain has it)."""
+    out = []
+    for c in COMPARE_COLS:
+        vals = [result["domains"][d][c] for d in domains if c in result["domains"].get(d, {})]
+        out.append(float(np.mean(vals)) if vals else None)
+    return out

@@ -1,12 +1,56 @@
-"""`llmcli generate`: sample text from a run, streamed as it is produced (KV-cached for gpt)."""
+"""`llmcli generate`: sample text from a run, batched over prompts and samples, streamed for one prompt.
+
+Any backbone works through `forward(idx, cache=None) -> (h, cache)`: the prompt is processed once, then one
+token per step continues the cache (gpt: keys/values; recurrent backbones: their state). Prompts of different
+lengths share one batch when the backbone's forward takes `pad` (left padding with per-row positions, gpt);
+other backbones get one batch per prompt (its samples all have the same length).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens and when to stop."""
+
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float = 1.0
+    min_new_tokens: int = 0  # EOS is forbidden before this many tokens (benchmarks: = max_new_tokens)
+    stop: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Reject settings outside their ranges (one line each)."""
+        check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        if self.min_new_tokens < 0:
+            raise UserError(f"min_new_tokens: must be >= 0, got {self.min_new_tokens}")
+        if any(not s for s in self.stop):
+            raise UserError("--stop: an empty stop string would stop at once; give non-empty strings")
+
+
+@dataclass
+class Completion:
+    """One generated continuation: the prompt it continues, its text and why it ended (eos, stop, length)."""
+
+    prompt: str
+    sample: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON-able record `--json` prints."""
+        return {"prompt": self.prompt, "sample": self.sample, "text": self.text, "finish": self.finish,
+                "n_tokens": len(self.tokens)}
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_tokens: int) -> None:
@@ -41,45 +85,189 @@ def sample_next(logits: Any, temperature: float, top_k: int | None, top_p: float
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
-def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int | None = None,
-             temperature: float | None = None, top_k: int | None = -1, top_p: float | None = None,
-             seed: int | None = None, checkpoint: str = "best") -> Iterator[str]:
-    """Yield text pieces continuing `prompt` until EOS or max_new_tokens (settings default to the config)."""
+def takes_padding(backbone: Any) -> bool:
+    """Whether the backbone's forward accepts `pad` (left-padded rows of different lengths)."""
+    return "pad" in inspect.signature(backbone.forward).parameters
+
+
+def decode_steps(model: Any, rows: Sequence[Sequence[int]], s: Sampling, gen: Any, *, pad_id: int, eos_id: int,
+                 use_cache: bool = True) -> Iterator[Any]:
+    """Yield the next token of every row (B,) per step, for s.max_new_tokens steps (the caller may stop early).
+
+    Rows of different lengths are left-padded (the backbone must take `pad`). Without the cache every step
+    re-runs the whole context: slower, the same tokens (the reference the cache is tested against).
+    When the context fills the block, the most recent half-block is re-encoded and generation goes on.
+    """
     import torch
 
+    backbone = model.backbone
+    lens = [len(r) for r in rows]
+    width = max(lens)
+    ctx = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T) left-padded
+    for i, r in enumerate(rows):
+        ctx[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+    pad = torch.tensor([width - n for n in lens])  # (B,)
+    if bool(pad.any()) and not takes_padding(backbone):
+        raise ValueError(f"{type(backbone).__name__} cannot batch rows of different lengths; decode them apart")
+
+    def run(x: Any, cache: Any = None) -> tuple[Any, Any]:
+        return backbone(x, cache, pad=pad) if bool(pad.any()) else backbone(x, cache)
+
+    block = backbone.block_size
+    with torch.inference_mode():
+        h, cache = run(ctx)  # prefill: the prompt is processed once
+        for step in range(s.max_new_tokens):
+            logits = model.lm_head(h[:, -1]).float()  # (B, V)
+            if step < s.min_new_tokens:
+                logits[:, eos_id] = float("-inf")
+            nxt = sample_next(logits, s.temperature, s.top_k, s.top_p, gen)  # (B,)
+            yield nxt
+            ctx = torch.cat([ctx, nxt[:, None]], dim=1)  # (B, T+1)
+            if ctx.shape[1] >= block:  # context full: re-encode the most recent half-block
+                cut = ctx.shape[1] - block // 2
+                ctx, pad = ctx[:, cut:], (pad - cut).clamp(min=0)
+                h, cache = run(ctx)
+            elif use_cache:
+                h, cache = run(nxt[:, None], cache)  # one new token, cached past
+            else:
+                h, _ = run(ctx)
+
+
+def _add(c: Completion, t: int, tok: Any, s: Sampling) -> None:
+    """Append one generated token to a completion; set `finish` on EOS, a stop string or the length limit."""
+    if t == tok.eos_id:
+        c.finish = "eos"
+        return
+    c.tokens.append(t)
+    c.text = tok.decode(c.tokens)
+    hits = [i for i in (c.text.find(x) for x in s.stop) if i >= 0]
+    if hits:
+        c.text, c.finish = c.text[: min(hits)], "stop"
+    elif len(c.tokens) >= s.max_new_tokens:
+        c.finish = "length"
+
+
+def visible(c: Completion, s: Sampling) -> str:
+    """Text of a completion that can be printed now: complete characters, no possible stop-string prefix."""
+    if c.finish:
+        return c.text
+    hold = max((len(x) for x in s.stop), default=1) - 1  # a stop string may still be forming
+    text = c.text[: len(c.text) - hold] if hold else c.text
+    return text[:-1] if text.endswith("\ufffd") else text  # wait until a multi-byte character is complete
+
+
+def _prompt_ids(tok: Any, prompt: str, block: int) -> list[int]:
+    ids = [tok.bos_id, *tok.encode_batch([prompt])[0]] if prompt else [tok.bos_id]
+    return ids[-block:]
+
+
+def _load(run_dir: str | Path, checkpoint: str) -> Any:
     from llmcli.models.load import load_trained
 
     run_dir = Path(run_dir)
     which = checkpoint if (run_dir / "checkpoints" / f"{checkpoint}.safetensors").is_file() else "last"
-    t = load_trained(run_dir, which)
-    g = t.cfg.generate
-    max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
-    temperature = g.temperature if temperature is None else temperature
-    top_k = g.top_k if top_k == -1 else top_k
-    top_p = g.top_p if top_p is None else top_p
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
-    gen = torch.Generator().manual_seed(g.seed if seed is None else seed)
-    tok, backbone = t.tokenizer, t.model.backbone
-    ids = [tok.bos_id, *tok.encode_batch([prompt])[0]] if prompt else [tok.bos_id]
-    block = backbone.block_size
-    ids = ids[-block:]
-    out: list[int] = []
-    shown = ""
-    with torch.inference_mode():
-        h, cache = backbone(torch.tensor([ids]))  # prefill: the prompt is processed once
-        for _ in range(max_new_tokens):
-            nxt = int(sample_next(t.model.lm_head(h[:, -1]), temperature, top_k, top_p, gen)[0])
-            if nxt == tok.eos_id:
+    return load_trained(run_dir, which)
+
+
+def settings(cfg: Any, *, max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = -1,
+             top_p: float | None = None, min_new_tokens: int = 0, stop: Sequence[str] = ()) -> Sampling:
+    """The run's generate defaults with the given overrides (top_k=-1: the config's), validated."""
+    g = cfg.generate
+    s = Sampling(max_new_tokens=g.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                 temperature=g.temperature if temperature is None else temperature,
+                 top_k=g.top_k if top_k == -1 else top_k, top_p=g.top_p if top_p is None else top_p,
+                 min_new_tokens=min_new_tokens, stop=tuple(stop))
+    s.check()
+    return s
+
+
+def complete(t: Any, prompts: Sequence[str], s: Sampling, *, num_samples: int = 1, seed: int = 0,
+             use_cache: bool = True) -> Iterator[list[Completion]]:
+    """Generate for a loaded run; yields the completions of one batch at a time, filled in step by step.
+
+    The same list is yielded after every step (streaming reads it); each batch ends when every row finished.
+    """
+    import torch
+
+    if num_samples < 1:
+        raise UserError(f"--num-samples: must be >= 1, got {num_samples}")
+    gen = torch.Generator().manual_seed(seed)
+    tok, model = t.tokenizer, t.model
+    jobs = [(p, k) for p in prompts for k in range(num_samples)]
+    # one batch for all prompts when the backbone takes left padding; otherwise one batch per prompt
+    per_prompt = [jobs[i:i + num_samples] for i in range(0, len(jobs), num_samples)]
+    batches = [jobs] if takes_padding(model.backbone) else per_prompt
+    for batch in batches:
+        rows = [Completion(p, k) for p, k in batch]
+        ids = [_prompt_ids(tok, p, model.backbone.block_size) for p, _ in batch]
+        for nxt in decode_steps(model, ids, s, gen, pad_id=tok.pad_id, eos_id=tok.eos_id, use_cache=use_cache):
+            for c, x in zip(rows, nxt.tolist()):
+                if not c.finish:
+                    _add(c, x, tok, s)
+            yield rows
+            if all(c.finish for c in rows):
                 break
-            out.append(nxt)
-            text = tok.decode(out)
-            if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-                yield text[len(shown):]
-                shown = text
-            if len(ids) + len(out) >= block:  # context full: re-encode the most recent half-block
-                window = (ids + out)[-(block // 2):]
-                h, cache = backbone(torch.tensor([window]))
-            else:
-                h, cache = backbone(torch.tensor([[nxt]]), cache)  # one new token, cached past
-    if tok.decode(out) != shown:
-        yield tok.decode(out)[len(shown):]
+
+
+def generate_all(run_dir: str | Path, prompts: Sequence[str], *, num_samples: int = 1, seed: int | None = None,
+                 checkpoint: str = "best", use_cache: bool = True, **overrides: Any) -> list[Completion]:
+    """Every completion of every prompt (num_samples each), generated in batches."""
+    if not prompts:
+        raise UserError("generate: no prompts given")
+    t = _load(run_dir, checkpoint)
+    s = settings(t.cfg, **overrides)
+    out: list[Completion] = []
+    last: list[Completion] = []
+    for rows in complete(t, prompts, s, num_samples=num_samples, seed=t.cfg.generate.seed if seed is None else seed,
+                         use_cache=use_cache):
+        if rows is not last:  # a new batch began: the previous one is done
+            out += last
+            last = rows
+    return out + last
+
+
+def generate(run_dir: str | Path, prompt: str, *, seed: int | None = None, checkpoint: str = "best",
+             use_cache: bool = True, **overrides: Any) -> Iterator[str]:
+    """Yield text pieces continuing `prompt` until EOS, a stop string or max_new_tokens (settings default to the config)."""
+    t = _load(run_dir, checkpoint)
+    s = settings(t.cfg, **overrides)
+    shown = ""
+    for (c,) in complete(t, [prompt], s, seed=t.cfg.generate.seed if seed is None else seed, use_cache=use_cache):
+        text = visible(c, s)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+
+
+def top_next(run_dir: str | Path, prompts: Sequence[str], k: int, *,
+             checkpoint: str = "best") -> dict[str, list[tuple[str, float]]]:
+    """Per prompt: the k most probable next tokens (temperature 1) with their probabilities."""
+    import torch
+
+    if k < 1:
+        raise UserError(f"--show-probs: must be >= 1, got {k}")
+    t = _load(run_dir, checkpoint)
+    out = {}
+    for prompt in prompts:
+        ids = _prompt_ids(t.tokenizer, prompt, t.model.backbone.block_size)
+        with torch.inference_mode():
+            h, _ = t.model.backbone(torch.tensor([ids]))  # (1, T, D)
+            probs = t.model.lm_head(h[:, -1]).float().softmax(-1)[0]  # (V,)
+        p, i = torch.topk(probs, min(k, probs.numel()))
+        out[prompt] = [(t.tokenizer.decode([int(j)]), float(q)) for q, j in zip(p, i)]
+    return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file, one per line (blank lines skipped); a missing or empty file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: prompts file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: prompts file is not UTF-8 text") from None
+    prompts = [x for x in lines if x.strip()]
+    if not prompts:
+        raise UserError(f"{path}: prompts file is empty (one prompt per line expected)")
+    return prompts

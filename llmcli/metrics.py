@@ -9,20 +9,23 @@ import numpy as np
 import torch
 
 # Metrics where higher is better; for the rest (losses, ppl, bpb) lower is better.
-HIGHER_IS_BETTER = {"acc", "macro_f1"}
-GAP_METRICS = ("acc", "macro_f1", "task_loss", "lm_loss", "ppl", "bpb")
+HIGHER_IS_BETTER = {"acc", "macro_f1", "macro_recall"}
+GAP_METRICS = ("acc", "macro_f1", "macro_recall", "ece", "task_loss", "lm_loss", "ppl", "bpb")
+ECE_BINS = 15
 
 
 @torch.inference_mode()
-def score(model: Any, data: Any, idx: np.ndarray, batch_size: int, task_loss: Any, device: str = "cpu") -> dict[str, float]:
-    """lm_loss, ppl, bpb, task_loss, acc, macro_f1 over the records `idx` (batched by length)."""
-    from sklearn.metrics import f1_score
+def score(model: Any, data: Any, idx: np.ndarray, batch_size: int, task_loss: Any, device: str = "cpu",
+          details: dict[str, Any] | None = None) -> dict[str, float]:
+    """lm_loss, ppl, bpb, task_loss, acc, macro_f1, macro_recall, ece over the records `idx` (batched by length).
 
+    `details`, when given, receives the class probabilities ("probs", (N, C)) and gold labels ("golds", (N,)).
+    """
     was_training = model.training
     model.eval()
     idx = idx[np.argsort(data.lengths(idx), kind="stable")]  # similar lengths together: less padding
     nll_sum, n_tok, n_bytes, t_sum, n_lab = 0.0, 0, 0, 0.0, 0
-    preds, golds = [], []
+    probs, golds = [], []
     token_bytes = data.token_bytes.to(device)
     for start in range(0, len(idx), batch_size):
         b = data.batch(idx[start : start + batch_size])
@@ -37,17 +40,46 @@ def score(model: Any, data: Any, idx: np.ndarray, batch_size: int, task_loss: An
         if lab.any():
             t_sum += float(task_loss(logits[lab], labels[lab])) * int(lab.sum())
             n_lab += int(lab.sum())
-            preds.append(logits[lab].argmax(-1).cpu().numpy())
+            probs.append(logits[lab].float().softmax(-1).cpu().numpy())
             golds.append(labels[lab].cpu().numpy())
     model.train(was_training)
     lm_loss = nll_sum / max(n_tok, 1)
     out = {"n": int(len(idx)), "lm_loss": lm_loss, "ppl": math.exp(min(lm_loss, 50.0)),
            "bpb": nll_sum / math.log(2) / max(n_bytes, 1)}
     if n_lab:
-        p, g = np.concatenate(preds), np.concatenate(golds)
-        out.update(task_loss=t_sum / n_lab, acc=float((p == g).mean()),
-                   macro_f1=float(f1_score(g, p, average="macro", labels=np.unique(g), zero_division=0)))
+        p, g = np.concatenate(probs), np.concatenate(golds)
+        out.update(task_loss=t_sum / n_lab, **classification_metrics(p, g))
+        if details is not None:
+            details.update(probs=p, golds=g)
     return out
+
+
+def classification_metrics(probs: np.ndarray, golds: np.ndarray) -> dict[str, float]:
+    """acc, macro_f1, macro_recall (over the classes present in `golds`) and top-1 ECE with 15 bins."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    pred = probs.argmax(-1)  # (N,)
+    present = np.unique(golds)  # a class absent from the split has no recall to average
+    ece = multiclass_calibration_error(torch.from_numpy(probs), torch.from_numpy(golds.astype(np.int64)),
+                                       num_classes=probs.shape[1], n_bins=ECE_BINS, norm="l1")
+    return {"acc": float(accuracy_score(golds, pred)),
+            "macro_f1": float(f1_score(golds, pred, average="macro", labels=present, zero_division=0)),
+            "macro_recall": float(recall_score(golds, pred, average="macro", labels=present, zero_division=0)),
+            "ece": float(ece)}
+
+
+def reliability_bins(probs: np.ndarray, golds: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Per confidence bin (uniform on [0, 1]): mean confidence, accuracy and count of the top-1 predictions."""
+    conf = probs.max(-1)  # (N,)
+    correct = (probs.argmax(-1) == golds).astype(np.float64)
+    # the same binning as torchmetrics' ECE: bin i holds confidences in (i/n, (i+1)/n]
+    which = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    safe = np.maximum(count, 1)
+    return {"confidence": (np.bincount(which, conf, n_bins) / safe).tolist(),
+            "accuracy": (np.bincount(which, correct, n_bins) / safe).tolist(),
+            "count": count.tolist()}
 
 
 def gaps(per_domain: dict[str, dict[str, float]], in_domains: list[str]) -> dict[str, dict[str, float]]:

@@ -239,6 +239,9 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
         bar.close()
     update_meta(run_dir, status="completed", step=step, best_score=best,
                 ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    from llmcli.plots import curves_png
+
+    curves_png(run_dir)  # train/val L and T per domain, grad_cosine: RUN_DIR/curves.png
     log(f"train: done, {run_dir}")
     return run_dir
 

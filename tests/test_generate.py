@@ -46,3 +46,167 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
 def test_bad_sampling_settings(tiny_run, kw, flag):
     with pytest.raises(UserError, match=flag):
         text(tiny_run, **kw)
+
+
+def _greedy_by_hand(run, prompt, n):
+    """Reference: re-run the whole sequence through the model for every token, no cache, no batching."""
+    from llmcli.models.load import load_trained
+
+    t = load_trained(run, "best")
+    ids = [t.tokenizer.bos_id, *t.tokenizer.encode_batch([prompt])[0]]
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            h, _ = t.model.backbone(torch.tensor([ids + out]))  # (1, T, D)
+            logits = t.model.lm_head(h[:, -1])  # (1, V)
+            logits[:, t.tokenizer.eos_id] = float("-inf")
+            out.append(int(logits.argmax(-1)))
+    return out
+
+
+def test_cached_generation_gives_exactly_the_tokens_of_uncached_greedy_decoding(tiny_run):
+    from llmcli.generate import generate_all
+
+    kw = {"temperature": 0, "max_new_tokens": 40, "min_new_tokens": 40}
+    cached = generate_all(tiny_run, ["In the beginning"], **kw)[0]
+    uncached = generate_all(tiny_run, ["In the beginning"], use_cache=False, **kw)[0]
+    assert len(cached.tokens) == 40 and cached.finish == "length"
+    assert cached.tokens == uncached.tokens == _greedy_by_hand(tiny_run, "In the beginning", 40)
+    # past the block size (64) both re-encode the same window, so they still agree
+    kw = {"temperature": 0, "max_new_tokens": 120, "min_new_tokens": 120}
+    assert generate_all(tiny_run, [""], **kw)[0].tokens == generate_all(tiny_run, [""], use_cache=False, **kw)[0].tokens
+
+
+def test_left_padded_batch_gives_each_prompt_its_own_greedy_tokens(tiny_run):
+    from llmcli.generate import generate_all
+
+    prompts = ["In the beginning God created", "And", "The LORD is my shepherd; I shall not"]
+    kw = {"temperature": 0, "max_new_tokens": 30, "min_new_tokens": 30}
+    batched = generate_all(tiny_run, prompts, **kw)
+    assert [c.prompt for c in batched] == prompts
+    for c in batched:
+        assert c.tokens == generate_all(tiny_run, [c.prompt], **kw)[0].tokens
+
+
+def test_padding_mask_and_positions_leave_real_states_unchanged():
+    from types import SimpleNamespace
+
+    from llmcli.models.gpt import GPT
+
+    torch.manual_seed(0)
+    m = GPT(SimpleNamespace(d_model=16, n_head=2, n_layer=2, dropout=0.0, bias=True), 50, 32).eval()
+    row = torch.randint(3, 50, (1, 5))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], 1)  # (1, 8): 3 pads on the left
+    alone, _ = m(row)
+    h, cache = m(padded, pad=torch.tensor([3]))
+    assert torch.allclose(h[:, 3:], alone, atol=1e-5) and not torch.isnan(h).any()
+    nxt = torch.tensor([[7]])
+    step, _ = m(nxt, cache, pad=torch.tensor([3]))
+    full, _ = m(torch.cat([row, nxt], 1))
+    assert torch.allclose(step[:, -1], full[:, -1], atol=1e-5)
+
+
+def test_a_backbone_without_padding_gets_one_batch_per_prompt(tiny_run):
+    from llmcli.generate import Sampling, complete, generate_all, takes_padding
+    from llmcli.models.load import load_trained
+
+    class NoPad(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.block_size = inner, inner.block_size
+
+        def forward(self, idx, cache=None):
+            return self.inner(idx, cache)
+
+    t = load_trained(tiny_run, "best")
+    t.model.backbone = NoPad(t.model.backbone)
+    assert not takes_padding(t.model.backbone)
+    prompts = ["In the beginning God created", "And"]
+    s = Sampling(max_new_tokens=12, temperature=0, min_new_tokens=12)
+    batches = []
+    for rows in complete(t, prompts, s, num_samples=2):
+        if not batches or rows is not batches[-1]:
+            batches.append(rows)
+    assert [[c.prompt for c in b] for b in batches] == [[prompts[0]] * 2, [prompts[1]] * 2]
+    ref = generate_all(tiny_run, prompts, num_samples=2, temperature=0, max_new_tokens=12, min_new_tokens=12)
+    assert [c.tokens for b in batches for c in b] == [c.tokens for c in ref]
+
+
+def test_num_samples_are_distinct_and_reproducible(tiny_run):
+    from llmcli.generate import generate_all
+
+    kw = {"num_samples": 3, "temperature": 1.0, "top_k": None, "max_new_tokens": 15, "seed": 4}
+    a, b = generate_all(tiny_run, ["And"], **kw), generate_all(tiny_run, ["And"], **kw)
+    assert [c.sample for c in a] == [0, 1, 2] and [c.text for c in a] == [c.text for c in b]
+    assert len({c.text for c in a}) > 1
+
+
+def test_stop_string_ends_the_text_before_it(tiny_run):
+    from llmcli.generate import generate_all
+
+    kw = {"temperature": 0, "max_new_tokens": 30, "min_new_tokens": 30}
+    full = generate_all(tiny_run, ["In the beginning"], **kw)[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    c = generate_all(tiny_run, ["In the beginning"], stop=[stop], **kw)[0]
+    assert c.finish == "stop" and c.text == full[: full.index(stop)]
+    # streaming never shows any part of the stop string
+    assert text(tiny_run, stop=[stop], **kw) == c.text
+
+
+def test_show_probs_are_the_models_next_token_distribution(tiny_run):
+    from llmcli.generate import top_next
+
+    top = top_next(tiny_run, ["And", "In the beginning"], 5)["In the beginning"]
+    probs = [p for _, p in top]
+    assert len(top) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    greedy = text(tiny_run, temperature=0, max_new_tokens=1, min_new_tokens=1)
+    assert greedy == top[0][0]
+    with pytest.raises(UserError, match="--show-probs: must be >= 1"):
+        top_next(tiny_run, ["And"], 0)
+
+
+def test_prompts_file(tmp_path):
+    from llmcli.generate import read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_text("first\n\n  \nsecond line\n")
+    assert read_prompts(f) == ["first", "second line"]
+    f.write_text("\n\n")
+    with pytest.raises(UserError, match=r"p.txt: prompts file is empty"):
+        read_prompts(f)
+    with pytest.raises(UserError, match="prompts file not found"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_generate_cli_batches_prompts_as_json_and_rejects_bad_input(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["generate", str(tiny_run), *args])
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("And\nIn the beginning\n")
+    out = run("-p", "The LORD", "--prompts-file", str(f), "--num-samples", "2", "-n", "5", "--json",
+              "--show-probs", "3")
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert [(c["prompt"], c["sample"]) for c in doc["completions"]] == [
+        (p, k) for p in ("The LORD", "And", "In the beginning") for k in (0, 1)]
+    assert all(c["n_tokens"] <= 5 for c in doc["completions"]) and len(doc["next_token_probs"]["And"]) == 3
+    f.write_text("")
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run, bare)
+    shutil.rmtree(bare / "checkpoints")
+    for args, msg in ((["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
+                      (["-t", "-1"], "--temperature: must be >= 0 (0 = greedy), got -1.0"),
+                      (["-n", "0"], "--max-new-tokens: must be >= 1, got 0"),
+                      (["--prompts-file", str(f)], f"{f}: prompts file is empty (one prompt per line expected)")):
+        bad = run(*args)
+        assert bad.exit_code == 2 and bad.stderr.strip() == f"error: {msg}"
+    bad = CliRunner().invoke(app, ["generate", str(bare)])
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no last checkpoint" in bad.stderr

@@ -69,11 +69,17 @@ def processed_path(data_cfg: Any) -> Path:
     return Path(data_cfg.processed_dir) / f"{prefix}-{sha256_json(data_key(data_cfg))[:12]}"
 
 
-def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
-    """Build (or find) the processed data for a data config; returns its folder."""
+def preprocess(data_cfg: Any, *, log: Any = print, tokenizer_path: Path | None = None) -> Path:
+    """Build (or find) the processed data for a data config; returns its folder.
+
+    tokenizer_path: encode with this tokenizer.json (scoring a run on another corpus) instead of training one;
+    the folder name then carries its hash.
+    """
     from filelock import FileLock
 
     out = processed_path(data_cfg)
+    if tokenizer_path is not None:
+        out = out.with_name(f"{out.name}-tok{hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:8]}")
     if (out / "manifest.json").is_file():
         log(f"preprocess: {out} is up to date, nothing to do")
         return out
@@ -87,7 +93,7 @@ def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            _build(data_cfg, tmp, out.name, log)
+            _build(data_cfg, tmp, out.name, log, tokenizer_path)
             if out.exists():  # a stale, manifest-less folder from a crash before this lock existed
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -300,7 +306,7 @@ def _check_scan(scan: Scan, tok: Any) -> tuple[list[str], list[str]]:
     return domains, train_domains
 
 
-def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
+def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any, tokenizer_path: Path | None = None) -> None:
     from llmcli.data.report import Accumulator, write_report
 
     t0 = time.perf_counter()
@@ -308,7 +314,12 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     scan = Scan(data_cfg, sources)
     log(f"preprocess: scanning {len(sources)} source(s) and training the {data_cfg.tokenizer.name} tokenizer ...")
     texts = scan.train_texts()
-    tok = registry("tokenizer").build(data_cfg.tokenizer, texts=texts)
+    if tokenizer_path is not None:  # a run's own tokenizer: nothing to train
+        from llmcli.data.tokenizers import TextTokenizer
+
+        tok = TextTokenizer.load(tokenizer_path)
+    else:
+        tok = registry("tokenizer").build(data_cfg.tokenizer, texts=texts)
     for _ in texts:  # finish the scan if the tokenizer did not read everything (byte reads nothing)
         pass
     domains, train_domains = _check_scan(scan, tok)

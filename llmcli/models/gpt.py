@@ -24,7 +24,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, Any]:
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # each (B, T, D)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
@@ -32,9 +33,10 @@ class SelfAttention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+T, Dh)
         # With a cache, new queries may see every cached key; causality among the new ones still holds
         # when T > 1 only if there is no past, so a prefill uses is_causal and a step (T == 1) does not.
-        causal = past is None or past[0].shape[2] == 0
+        # An explicit mask (left-padded batches) already holds causality.
+        causal = (past is None or past[0].shape[2] == 0) and mask is None
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, Dh)
         y = y.transpose(1, 2).contiguous().view(B, T, D)
         return self.proj(y), (k, v)
@@ -55,8 +57,8 @@ class Block(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
-        a, present = self.attn(self.ln1(x), past)
+    def forward(self, x: torch.Tensor, past: Any, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        a, present = self.attn(self.ln1(x), past, mask)
         x = x + a
         return x + self.mlp(self.ln2(x)), present
 
@@ -85,19 +87,40 @@ class GPT(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """States for `idx`; with a cache, `idx` continues the cached sequence."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                pad: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """States for `idx`; with a cache, `idx` continues the cached sequence.
+
+        pad: (B,) left-padding count of each row (batched generation): a row's positions start at its
+        first real token and its padding is masked out of attention; pass the same `pad` at every step.
+        """
         B, T = idx.shape
         start = cache[0][0].shape[2] if cache else 0
         if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        mask = None
+        if pad is not None:
+            pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T): each row counts from its own start
+            mask = padding_mask(pad, start, T)  # (B, 1, T, start + T)
         x = self.drop(self.embed(idx) + self.pos(pos))  # (B, T, D)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cache[i] if cache else None)
+            x, kv = block(x, cache[i] if cache else None, mask)
             present.append(kv)
         return self.ln_f(x), present
+
+
+def padding_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """(B, 1, T, start+T) bool: query at absolute position q sees real keys k <= q.
+
+    A padding query also sees itself, so that no row of the softmax is empty (an all-masked row gives NaN,
+    and 0 * NaN would leak into the real rows through the values).
+    """
+    q = torch.arange(start, start + T, device=pad.device)[:, None]  # (T, 1)
+    k = torch.arange(start + T, device=pad.device)[None, :]  # (1, start+T)
+    real = k[None] >= pad[:, None, None]  # (B, 1, start+T)
+    return ((real & (k <= q)[None]) | (k == q)[None])[:, None]  # (B, 1, T, start+T)
 
 
 def build_gpt(cfg: Any, *, vocab_size: int, max_len: int) -> GPT:

@@ -45,6 +45,11 @@ def load_trained(run_dir: Path, which: str = "best") -> Trained:
     if hasattr(objective, "wrap_model"):  # e.g. the conditioned objective's FiLM layers
         objective.wrap_model(model)
         objective.prepare(model, None)
-    restore_model(model, tensors, path)
+    if side.get("compression"):  # written by `llmcli compress`: int8 layers are re-quantised as recorded
+        from llmcli.compress import restore_compressed
+
+        restore_compressed(model, tensors, side["compression"], path)
+    else:
+        restore_model(model, tensors, path)
     model.eval()
     return Trained(cfg, model, TextTokenizer.load(run_dir / "tokenizer.json"), manifest, side)

@@ -1,0 +1,229 @@
+"""`llmcli compress`: a pruned and/or int8-quantised copy of a run, as a new self-describing run folder.
+
+Pruning: torch.nn.utils.prune (L1, unstructured, per Linear layer; made permanent). Quantisation: torch's
+dynamic int8 quantisation of Linear layers on CPU (torch.ao.quantization.quantize_dynamic; weights int8,
+activations quantised on the fly). The tied LM head shares the embedding matrix and stays float.
+
+The checkpoint stays safetensors: a quantised layer is stored as its int8 weight, scale, zero point and
+float bias (`qlinear.<module>.*`), everything else as float `model.*`; the sidecar's `compression`
+record says which layers to re-quantise at load, where the stored int8 weights are put back unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmcli.errors import UserError
+from llmcli.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+QUANTIZE = ("int8",)
+COPIED = ("config.yaml", "tokenizer.json", "data_manifest.json")
+
+
+def check_options(quantize: str | None, prune: float | None) -> None:
+    """At least one of --quantize / --prune, each in its range."""
+    if quantize is None and prune is None:
+        raise UserError("compress: give --quantize int8, --prune FRACTION, or both")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UserError(f"--quantize: {quantize!r} is not supported (allowed: {', '.join(QUANTIZE)})")
+    if prune is not None and not 0 < prune < 1:
+        raise UserError(f"--prune: must be a fraction in (0, 1), got {prune}")
+
+
+def compressible(model: nn.Module) -> list[str]:
+    """Names of the Linear layers to prune/quantise: all but one sharing its weight with an embedding."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings]
+
+
+def prune_linear(model: nn.Module, names: list[str], amount: float) -> float:
+    """Zero the `amount` smallest-|w| share of each named Linear weight (permanently); returns the sparsity."""
+    from torch.nn.utils import prune
+
+    mods = dict(model.named_modules())
+    zeros = total = 0
+    for n in names:
+        prune.l1_unstructured(mods[n], "weight", amount=amount)
+        prune.remove(mods[n], "weight")  # bake the mask into the weight: a plain Linear again
+        zeros += int((mods[n].weight == 0).sum())
+        total += mods[n].weight.numel()
+    return zeros / max(total, 1)
+
+
+def quantize_int8(model: nn.Module, names: list[str]) -> nn.Module:
+    """Dynamic int8 quantisation of the named Linear layers, in place."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch marks this path deprecated in favour of torchao; it still works
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {n: default_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
+
+
+def _qlinears(model: nn.Module) -> dict[str, Any]:
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def compressed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """safetensors-ready tensors of a (possibly quantised) model: float `model.*`, int8 `qlinear.*`."""
+    out = {}
+    q = _qlinears(model)
+    for n, m in q.items():
+        w = m.weight()  # per-tensor affine qint8
+        out[f"qlinear.{n}.weight"] = w.int_repr().contiguous()
+        out[f"qlinear.{n}.scale"] = torch.tensor([w.q_scale()], dtype=torch.float64)
+        out[f"qlinear.{n}.zero_point"] = torch.tensor([w.q_zero_point()], dtype=torch.int64)
+        if m.bias() is not None:
+            out[f"qlinear.{n}.bias"] = m.bias().detach().contiguous().clone()
+    for k, v in _float_state(model, list(q)).items():
+        out[f"model.{k}"] = v.detach().cpu().contiguous().clone()
+    return out
+
+
+def _float_state(model: nn.Module, quantized: list[str]) -> dict[str, torch.Tensor]:
+    """Float tensors of the state dict outside the quantised layers, a tied matrix once (its first name)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor) or v.is_quantized or any(k.startswith(f"{n}.") for n in quantized):
+            continue
+        if v.data_ptr() in seen:  # e.g. lm_head.weight is the embedding: loading one restores both
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out
+
+
+def restore_compressed(model: nn.Module, tensors: dict[str, torch.Tensor], record: dict[str, Any], path: Path) -> nn.Module:
+    """Rebuild a compressed checkpoint into a freshly built float model (re-quantising what was quantised)."""
+    names = record.get("quantized", [])
+    floats = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    missing = sorted(set(_float_state(model, names)) - set(floats))
+    if missing or any(f"qlinear.{n}.weight" not in tensors for n in names):
+        raise UserError(f"{path}: compressed checkpoint lacks weights ({', '.join(missing[:3]) or 'qlinear'})")
+    model.load_state_dict(floats, strict=False)
+    if record.get("quantize") == "int8":
+        quantize_int8(model, names)
+        q = _qlinears(model)
+        for n in names:
+            w = torch._make_per_tensor_quantized_tensor(tensors[f"qlinear.{n}.weight"],
+                                                        float(tensors[f"qlinear.{n}.scale"]),
+                                                        int(tensors[f"qlinear.{n}.zero_point"]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q[n].set_weight_bias(w, tensors.get(f"qlinear.{n}.bias"))
+    return model.eval()
+
+
+def compress(run_dir: str | Path, *, quantize: str | None = None, prune: float | None = None,
+             runs_dir: str | Path | None = None, checkpoint: str | None = None, log: Any = print) -> Path:
+    """Write a compressed copy of a run as a new run folder (beside it unless runs_dir) and return it."""
+    from safetensors.torch import save
+
+    from llmcli.evaluate import _default_checkpoint
+    from llmcli.models.load import load_trained
+    from llmcli.runs import create_run_dir, new_meta
+
+    check_options(quantize, prune)
+    parent = Path(run_dir)
+    which = checkpoint or _default_checkpoint(parent)
+    t = load_trained(parent, which)
+    if t.checkpoint.get("compression"):
+        raise UserError(f"{parent}: already a compressed run; compress its parent {t.checkpoint['compression']['parent']}")
+    model = t.model.cpu().eval()
+    names = compressible(model)
+    record: dict[str, Any] = {"parent": str(parent), "parent_checkpoint": which, "quantize": quantize, "prune": prune,
+                              "quantized": names if quantize else [], "pruned": names if prune else []}
+    if prune:
+        record["sparsity"] = prune_linear(model, names, prune)
+    if quantize:
+        quantize_int8(model, names)
+    tag = "-".join(x for x in (quantize, f"p{round(prune * 100)}" if prune else None) if x)
+    out = create_run_dir(Path(runs_dir) if runs_dir else parent.parent, f"{t.cfg.name}-{tag}")
+    try:
+        for name in COPIED:
+            shutil.copy2(parent / name, out / name)
+        (out / "checkpoints").mkdir()
+        ck = out / "checkpoints" / "best.safetensors"
+        atomic_write_bytes(ck, save(compressed_tensors(model)))
+        atomic_write_json(ck.with_suffix(".json"), {"step": t.checkpoint["step"], "compression": record,
+                                                    "sha256": sha256_file(ck)})
+        meta = new_meta(t.cfg.seed, {"name": t.cfg.name, "parent": str(parent), "compression": record,
+                                     "step": t.checkpoint["step"], "device": "cpu"})
+        atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-written
+        raise
+    log(f"compress: wrote {out}")
+    return out
+
+
+def weight_bytes(run_dir: Path, which: str) -> int:
+    """Bytes of a run's model weights: distinct float tensors (a tied matrix once) plus stored int8 layers."""
+    from safetensors.torch import load_file
+
+    from llmcli.models.load import load_trained
+
+    t = load_trained(run_dir, which)
+    if t.checkpoint.get("compression"):  # saved without duplicates: every model tensor in the file counts
+        tensors = load_file(str(Path(run_dir) / "checkpoints" / f"{which}.safetensors"))
+        return sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(("model.", "qlinear.")))
+    return sum(v.numel() * v.element_size() for v in _float_state(t.model, []).values())
+
+
+def side_by_side(parent: Path, child: Path, *, split: str = "test", log: Any = print) -> dict[str, Any]:
+    """Evaluate parent and compressed run; sizes, latency and every metric per domain with the delta."""
+    from llmcli.evaluate import evaluate
+
+    a = evaluate(parent, split=split, plots=False, log=log)
+    b = evaluate(child, split=split, plots=False, log=log)
+    files = {r: r / "checkpoints" / f"{res['checkpoint']}.safetensors" for r, res in ((parent, a), (child, b))}
+    report = {
+        "parent": str(parent), "compressed": str(child), "split": split,
+        "checkpoint_bytes": {"parent": files[parent].stat().st_size, "compressed": files[child].stat().st_size},
+        "weight_bytes": {"parent": weight_bytes(parent, a["checkpoint"]), "compressed": weight_bytes(child, "best")},
+        "eval_seconds": {"parent": a["seconds"], "compressed": b["seconds"]},
+        "ms_per_example": {"parent": a["ms_per_example"], "compressed": b["ms_per_example"]},
+        "domains": {d: {m: {"parent": v, "compressed": b["domains"][d].get(m), "delta": _delta(b["domains"][d].get(m), v)}
+                        for m, v in a["domains"][d].items()} for d in a["domains"] if d in b["domains"]},
+    }
+    atomic_write_json(child / "compress.json", report)
+    return report
+
+
+def _delta(new: float | None, old: float) -> float | None:
+    return None if new is None else new - old
+
+
+def render_report(report: dict[str, Any]) -> Any:
+    """Rich tables: sizes and latency, then every metric per domain (parent, compressed, delta)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    head = Table(title=f"{report['compressed']}  vs parent {report['parent']}")
+    for c in ("", "parent", "compressed", "ratio"):
+        head.add_column(c, justify="right")
+    for key, label in (("checkpoint_bytes", "checkpoint file (bytes)"), ("weight_bytes", "model weights (bytes)"),
+                       ("eval_seconds", "eval time (s)"), ("ms_per_example", "eval latency (ms/example)")):
+        p, c = report[key]["parent"], report[key]["compressed"]
+        head.add_row(label, f"{p:,}" if isinstance(p, int) else f"{p:.3f}",
+                     f"{c:,}" if isinstance(c, int) else f"{c:.3f}", f"{c / p:.3f}" if p else "-")
+    metrics = Table(title=f"metrics per domain [{report['split']} split]")
+    metrics.add_column("domain")
+    metrics.add_column("metric")
+    for c in ("parent", "compressed", "delta"):
+        metrics.add_column(c, justify="right")
+    for d, ms in report["domains"].items():
+        for m, v in ms.items():
+            if m == "n":
+                continue
+            metrics.add_row(d, m, *(f"{x:+.4f}" if k == "delta" and x is not None else "-" if x is None else f"{x:.4f}"
+                                    for k, x in v.items()))
+    return Group(head, metrics)
