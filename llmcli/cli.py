@@ -30,14 +30,20 @@ def _log(msg: str) -> None:
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
-    """Run a command body: bad input -> one line on stderr, exit 2; Ctrl-C -> exit 130."""
-    from llmcli.errors import UserError
+    """Run a command body: bad input -> one line on stderr, exit 2; a failed run -> exit 1;
+    a stop on SIGINT/SIGTERM -> exit 128 + signal (130 for Ctrl-C)."""
+    from llmcli.errors import Interrupted, RunFailed, UserError
 
     try:
         return fn()
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except RunFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Interrupted as exc:
+        raise typer.Exit(128 + exc.signum) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None

@@ -155,6 +155,12 @@ class TrainConfig(Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_every: int = Field(200, ge=1, description="validate every N steps (and at the end)")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also write a resumable checkpoints/last every N steps; null = at eval steps only"
+    )
+    on_nan: Literal["stop", "skip_batch"] = Field(
+        "stop", description="a NaN/Inf loss: stop the run (status failed) or skip that batch's update"
+    )
     val_max_examples: int | None = Field(512, ge=1, description="per-domain cap on validation records")
     log_every: int = Field(10, ge=1)
     grad_clip: float | None = Field(1.0, gt=0.0)

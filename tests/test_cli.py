@@ -84,3 +84,11 @@ def test_train_eval_generate_from_the_command_line(tmp_path, processed_dir):
     assert gen.exit_code == 0 and gen.stdout.startswith("In the beginning") and len(gen.stdout) > 17
     assert run("generate", str(run_dir), "--top-p", "0").exit_code == 2
     assert run("eval", str(tmp_path / "nope")).exit_code == 2
+
+
+def test_a_diverging_run_exits_1_with_one_line(tmp_path, processed_dir):
+    s = ["--set", f"data.processed_dir={processed_dir}", "--set", "optim.lr=1e8", "--set", "train.grad_clip=null"]
+    out = run("train", str(TINY), *s, "--runs-dir", str(tmp_path), "--no-progress")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "NaN/Inf at step" in errors[0]
