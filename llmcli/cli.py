@@ -171,6 +171,27 @@ def sweep_alpha(
 
 
 @app.command()
+def reproduce(
+    run_dir: str = typer.Argument(..., help="A run folder."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Compare only the first K steps (default: all it ran)."),
+    atol: float = typer.Option(0.0, "--atol", help="Allowed absolute difference per metric value."),
+) -> None:
+    """Re-run a run's config in a temporary folder; exit 0 if its metrics match the recorded ones, else 1."""
+
+    def body() -> None:
+        from llmcli.reproduce import reproduce as run
+
+        result = run(run_dir, steps=steps, atol=atol, log=_log)
+        if not result.ok:
+            typer.echo(f"reproduce: DIFFERENT at {result.difference}")
+            raise typer.Exit(1)
+        same = "identical" if atol == 0 else f"equal within {atol:g}"
+        typer.echo(f"reproduce: OK, {result.n_records} records over {result.steps} steps {same} (timing keys ignored)")
+
+    _guard(body)
+
+
+@app.command()
 def validate(
     config: str = typer.Argument(..., help="Experiment config (YAML)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
