@@ -29,15 +29,18 @@ def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _guard(fn: Callable[[], Any]) -> Any:
+def _guard(fn: Callable[[], Any], config: str | None = None) -> Any:
     """Run a command body: bad input -> one line on stderr, exit 2; a failed run -> exit 1;
-    a stop on SIGINT/SIGTERM -> exit 128 + signal (130 for Ctrl-C)."""
+    a stop on SIGINT/SIGTERM -> exit 128 + signal (130 for Ctrl-C).
+
+    An error about a config field found after loading (e.g. data.train_domains) gets the config's file name.
+    """
     from llmcli.errors import Interrupted, RunFailed, UserError
 
     try:
         return fn()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_with_file(str(exc), config)}", err=True)
         raise typer.Exit(2) from None
     except RunFailed as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -47,6 +50,12 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def _with_file(msg: str, config: str | None) -> str:
+    from llmcli.config import is_field_message
+
+    return f"{config}: {msg}" if config and is_field_message(msg) else msg
 
 
 def _config(path: str, overrides: list[str]) -> Any:
@@ -67,7 +76,7 @@ def preprocess(
 
         typer.echo(run(_config(config, set_).data, log=_log))
 
-    _guard(body)
+    _guard(body, config)
 
 
 @app.command()
@@ -91,7 +100,7 @@ def train(
         cfg = _config(config, set_) if config else None
         typer.echo(run(cfg, runs_dir=runs_dir, resume=resume, progress=progress, log=_log))
 
-    _guard(body)
+    _guard(body, config or (resume and str(Path(resume) / "config.yaml")))
 
 
 @app.command("eval")
@@ -167,7 +176,7 @@ def sweep_alpha(
         cfg = _config(config, set_) if config else None
         typer.echo(run(cfg, grid, runs_dir=runs_dir, resume=resume, progress=progress, log=_log))
 
-    _guard(body)
+    _guard(body, config)
 
 
 @app.command()

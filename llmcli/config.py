@@ -415,6 +415,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseMod
     return validate_config(data, str(path) + (" (with --set)" if overrides else ""))
 
 
+def is_field_message(msg: str) -> bool:
+    """Whether an error message starts with a config field path (`data.train_domains: ...`)."""
+    head = msg.split(":", 1)[0]
+    return "." in head and " " not in head and head.split(".")[0] in experiment_model().model_fields
+
+
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (every default filled in)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

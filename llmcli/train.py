@@ -275,11 +275,10 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
     except Interrupted:
         raise
     except KeyboardInterrupt:
-        update_meta(run_dir, status="interrupted", step=step, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _mark(run_dir, status="interrupted", step=step)
         raise
     except BaseException as exc:
-        update_meta(run_dir, status="failed", step=step, error=str(exc).splitlines()[0] if str(exc) else repr(exc),
-                    ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _mark(run_dir, status="failed", step=step, error=str(exc).splitlines()[0] if str(exc) else repr(exc))
         raise
     finally:
         bar.close()
@@ -287,6 +286,14 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
                 ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     log(f"train: done, {run_dir}")
     return run_dir
+
+
+def _mark(run_dir: Path, **changes: Any) -> None:
+    """Record how a run ended, best effort: on a full disk this write fails too, and the first error matters."""
+    try:
+        update_meta(run_dir, **changes, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    except (UserError, OSError):
+        pass
 
 
 def _on_nan(policy: str, step: int, what: str, last_ckpt: int, consecutive: int) -> None:

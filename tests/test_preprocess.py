@@ -97,3 +97,24 @@ def test_epoch_stream_is_a_permutation_per_epoch_and_resumable():
     for e in range(3):
         assert sorted(whole[e * 10 : (e + 1) * 10]) == list(range(10))
     assert (epoch_stream(10, 1, 7, 11) == whole[7:18]).all()
+
+
+def test_two_concurrent_preprocess_runs_build_the_cache_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, TINY
+
+    cache = tmp_path / "processed"
+    cmd = [sys.executable, "-m", "llmcli", "preprocess", str(TINY), "--set", f"data.processed_dir={cache}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0]  # both print the same folder
+    built = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(built) == 1 and (built[0] / "manifest.json").is_file()  # no second copy, no leftover temp folder
+    manifest = json.loads((built[0] / "manifest.json").read_text())
+    assert (built[0] / "tokens.bin").stat().st_size == 2 * manifest["n_tokens"]

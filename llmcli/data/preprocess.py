@@ -50,6 +50,10 @@ def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
     if (out / "manifest.json").is_file():
         log(f"preprocess: {out} is up to date, nothing to do")
         return out
+    # Read and check the source before anything is created: bad data leaves nothing behind.
+    t0 = time.perf_counter()
+    src = registry("source").build(data_cfg.source)
+    plan = _plan(data_cfg, src)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -58,22 +62,25 @@ def preprocess(data_cfg: Any, *, log: Any = print) -> Path:
         if (out / "manifest.json").is_file():  # another process built it while we waited
             log(f"preprocess: {out} is up to date, nothing to do")
             return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            _build(data_cfg, tmp, out.name, log)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        except OSError as exc:
+            raise UserError(f"data.processed_dir: cannot write in {out.parent} ({exc.strerror})") from None
+        try:
+            _build(data_cfg, src, plan, tmp, out.name, log, t0)
             if out.exists():  # a stale, manifest-less folder from a crash before this lock existed
                 shutil.rmtree(out)
             tmp.rename(out)
+        except OSError as exc:
+            raise UserError(f"data.processed_dir: writing {out} failed ({exc.strerror or exc})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
-    t0 = time.perf_counter()
-    src = registry("source").build(data_cfg.source)
-    records = src.records
-    domains = src.domains
+def _plan(data_cfg: Any, src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Split and domain of every record, the train mask, and the train domains; bad choices are UserErrors."""
+    records, domains = src.records, src.domains
     train_domains = data_cfg.train_domains or domains[:1]
     unknown = [d for d in train_domains if d not in domains]
     if unknown:
@@ -84,7 +91,12 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any) -> None:
     in_train = (split == 0) & np.isin(dom, [domains.index(d) for d in train_domains])
     if not in_train.any():
         raise UserError("data.split: the training split of the train domains is empty (too few groups?)")
+    return split, dom, in_train, train_domains
 
+
+def _build(data_cfg: Any, src: Any, plan: tuple, tmp: Path, data_id: str, log: Any, t0: float) -> None:
+    records, domains = src.records, src.domains
+    split, dom, in_train, train_domains = plan
     log(f"preprocess: {len(records)} records, {len(domains)} domains; training the tokenizer ...")
     train_texts = [r.text for r, keep in zip(records, in_train) if keep]
     tok = registry("tokenizer").build(data_cfg.tokenizer, texts=train_texts)
