@@ -12,9 +12,40 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, `-n abc`) become one line on stderr and exit 2, like all bad input."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            # click's exceptions (typer vendors its own copy of click), told apart by what they carry
+            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `llmcli`: the help text, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            msg = " ".join(exc.format_message().split())
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {where}{msg}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="llmcli",
+    cls=OneLineErrors,
     help="A command-line lab for conflicting objectives (L vs T) and mismatched generalisation (in- vs out-of-domain).",
     no_args_is_help=True,
     add_completion=False,

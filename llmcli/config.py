@@ -9,20 +9,21 @@ field, what was given and what is allowed.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from llmcli.errors import UserError
 from llmcli.registry import _load_plugins, registry
 
 
 class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors."""
+    """Base of every config model: unknown keys are errors, and so are inf / nan numbers."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- data sources and tokenizers
@@ -69,6 +70,12 @@ class SplitConfig(Strict):
     test: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must be below 1 (given {self.val} + {self.test}), or nothing is left to train on")
+        return self
+
 
 # ---------------------------------------------------------------- model, losses, objectives
 
@@ -83,6 +90,12 @@ class GPTConfig(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
     block_size: int = Field(256, ge=8, description="longest sequence (positions) the model can see")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        return self
 
 
 class CrossEntropyLoss(Strict):
@@ -121,6 +134,12 @@ class SGDConfig(Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGDConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
 
 
 class CosineSchedule(Strict):
@@ -217,6 +236,14 @@ class ExperimentBase(Strict):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _records_fit_the_model(self) -> ExperimentBase:
+        # any backbone with a positional limit (`block_size`) must hold a whole record
+        block, max_len = getattr(getattr(self, "model", None), "block_size", None), self.data.max_len
+        if block is not None and max_len > block:
+            raise ValueError(f"model.block_size: {block} is shorter than data.max_len ({max_len})")
+        return self
+
 
 # ---------------------------------------------------------------- built-in components
 
@@ -289,12 +316,29 @@ def experiment_model() -> type[BaseModel]:
 # ---------------------------------------------------------------- loading and overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a UserError."""
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -333,6 +377,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _key(part: Any) -> str:
+    """A path component as written: plain names as they are, anything odd (spaces, newlines, '') quoted."""
+    text = str(part)
+    return text if re.fullmatch(r"[\w-]+", text) else repr(part)
+
+
 def _dotted(data: Any, loc: tuple[Any, ...]) -> str:
     """Dotted path of an error location, with discriminated-union tags dropped."""
     path: list[str] = []
@@ -340,7 +390,7 @@ def _dotted(data: Any, loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(node, dict) and part not in node and node.get("name") == part:
             continue  # a union tag, not a key the user wrote
-        path.append(str(part))
+        path.append(_key(part))
         node = node.get(part) if isinstance(node, dict) else None
     return ".".join(path)
 
@@ -361,7 +411,7 @@ def _parent_class(data: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if kind:
             name = node.get("name") if isinstance(node, dict) else None
             entries = registry(kind).entries
-            cls = entries[name].config if name in entries else None
+            cls = entries[name].config if isinstance(name, str) and name in entries else None
         else:
             cls = field.annotation
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
@@ -377,12 +427,16 @@ def format_error(source: str, data: dict[str, Any], err: ValidationError) -> str
         allowed = ", ".join(parent.model_fields) if parent else "see `llmcli schema`"
         msg = f"{path}: unknown key (allowed here: {allowed})"
     elif kind and e["type"] in ("union_tag_invalid", "literal_error", "union_tag_not_found"):
-        name = given.get("name") if isinstance(given, dict) else given
+        # a literal error carries the name itself; a union-tag error carries the whole section
+        name = given.get("name") if isinstance(given, dict) and e["type"] != "literal_error" else given
         msg = f"{path.removesuffix('.name')}.name: unknown {kind} {name!r} (valid: {', '.join(registry(kind).names())})"
     else:
         text = e["msg"].removeprefix("Value error, ")
         msg = f"{path}: {text} (given: {given!r})" if not isinstance(given, dict) else f"{path}: {text}"
+        if not path:  # a check across sections names its fields itself
+            msg = text
     more = len(err.errors()) - 1
+    msg = msg.replace("\n", "\\n")  # one line, whatever the input held
     return f"{source}: {msg}" + (f" [and {more} more error{'s' * (more > 1)}]" if more else "")
 
 

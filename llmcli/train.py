@@ -80,9 +80,7 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
     """
     if resume is not None:
         run_dir = Path(resume)
-        cfg = load_run_config(run_dir)
-        if not (run_dir / "checkpoints" / "last.safetensors").is_file():
-            raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
+        cfg = _check_resumable(run_dir)
     sess = Session(cfg, log)
     if resume is None:
         created = run_dir is None
@@ -98,6 +96,21 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
                 raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
             raise
     return _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
+
+
+def _check_resumable(run_dir: Path) -> Any:
+    """The run's config, once its last checkpoint is known to fit its model: a bad run folder fails before
+    any data is loaded or anything is written."""
+    from llmcli.models.load import load_trained
+
+    cfg = load_run_config(run_dir)
+    if not (run_dir / "checkpoints" / "last.safetensors").is_file():
+        raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
+    step = load_trained(run_dir, "last").checkpoint["step"]
+    kept_metrics(run_dir / "metrics.jsonl", step)
+    if step >= cfg.train.steps and read_json(run_dir / "meta.json", "run meta").get("status") == "completed":
+        raise UserError(f"{run_dir}: the run already completed all {cfg.train.steps} steps; nothing to resume")
+    return cfg
 
 
 def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
@@ -129,14 +142,17 @@ def _resume_state(sess: Session, run_dir: Path) -> tuple[int, float, dict[str, A
     restore_training(sess.optimizer, sess.scheduler, tensors, side, path)
     sess.objective.load_state_dict(side.get("objective", {}))
     step = int(side["step"])
-    if step >= sess.cfg.train.steps and read_json(run_dir / "meta.json", "run meta").get("status") == "completed":
-        raise UserError(f"{run_dir}: the run already completed all {sess.cfg.train.steps} steps; nothing to resume")
     truncate_metrics(run_dir / "metrics.jsonl", step)
     return step, float(side.get("best_score", float("inf"))), side
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to `step`: a last line cut by a crash mid-write is dropped, other bad lines are errors."""
+    """Keep the records up to `step` (see `kept_metrics`)."""
+    atomic_write_text(path, kept_metrics(path, step))
+
+
+def kept_metrics(path: Path, step: int) -> str:
+    """The records up to `step`: a last line cut by a crash mid-write is dropped, other bad lines are errors."""
     import json
 
     if not path.is_file():
@@ -156,7 +172,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             raise UserError(f"{path}:{lineno}: a metrics record must be an object with an integer 'step'")
         if rec["step"] <= step:
             kept.append(raw.decode("utf-8") + "\n")
-    atomic_write_text(path, "".join(kept))
+    return "".join(kept)
 
 
 # A run that keeps producing NaN with train.on_nan=skip_batch is broken, not unlucky.

@@ -9,6 +9,9 @@ from typing import Any
 
 from llmcli.errors import UserError
 
+# Integer labels are class ids; the classifier gets max id + 1 outputs, so a stray huge id must not pass.
+MAX_CLASS_ID = 100_000
+
 
 @dataclass(frozen=True)
 class Record:
@@ -73,9 +76,11 @@ def jsonl_records(cfg: Any) -> SourceData:
         raise UserError(f"data.source.path: {path}: file not found")
     raw: list[dict[str, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw_bytes = path.read_bytes()
+        lines = raw_bytes.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {exc.start})") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -88,6 +93,8 @@ def jsonl_records(cfg: Any) -> SourceData:
         label = obj.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
             raise UserError(f"{path}:{lineno}: 'label' must be a string or an integer, got {type(label).__name__}")
+        if isinstance(label, int) and not 0 <= label < MAX_CLASS_ID:
+            raise UserError(f"{path}:{lineno}: an integer 'label' is a class id in [0, {MAX_CLASS_ID}), got {label}")
         raw.append({**obj, "_line": lineno})
     if not raw:
         raise UserError(f"{path}: no records (the file is empty)")
