@@ -65,6 +65,17 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
+def read_json_object(path: Path, what: str = "file", keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a JSON object holding `keys`; anything else is a UserError naming the file and what is missing."""
+    obj = read_json(path, what)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise UserError(f"{path}: {what} lacks {', '.join(repr(k) for k in missing)}")
+    return obj
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
-from llmcli.io import read_json
+from llmcli.io import read_json_object
 
 
 @dataclass
@@ -94,8 +94,8 @@ def reproduce(run_dir: str | Path, *, steps: int | None = None, atol: float = 0.
     cfg = load_run_config(run_dir)
     metrics = run_dir / "metrics.jsonl"
     recorded = read_metrics(metrics)
-    meta = read_json(run_dir / "meta.json", "run meta")
-    reached = int(meta.get("step") or max((r["step"] for _, r in recorded), default=0))
+    meta = read_json_object(run_dir / "meta.json", "run meta")
+    reached = int(meta["step"] if isinstance(meta.get("step"), int) else max((r["step"] for _, r in recorded), default=0))
     if steps is not None and not 1 <= steps <= reached:
         raise UserError(f"--steps: must be between 1 and {reached} (the step {run_dir} reached), got {steps}")
     k = steps or reached

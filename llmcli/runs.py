@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_json, read_json
+from llmcli.io import atomic_write_json, read_json_object
 
 
 def create_run_dir(runs_dir: Path, name: str, prefix: str = "") -> Path:
@@ -69,7 +69,7 @@ def new_meta(seed: int, extra: dict[str, Any]) -> dict[str, Any]:
 def update_meta(run_dir: Path, **changes: Any) -> dict[str, Any]:
     """Merge changes into meta.json (atomically)."""
     path = Path(run_dir) / "meta.json"
-    meta = read_json(path, "run meta") if path.exists() else {}
+    meta = read_json_object(path, "run meta") if path.exists() else {}
     meta.update(changes)
     atomic_write_json(path, meta)
     return meta

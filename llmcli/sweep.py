@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from llmcli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_json_object
 
 COLUMNS = ("alpha", "status", "acc_in", "macro_f1_in", "acc_ood", "macro_f1_ood", "gap_acc", "ppl_in",
            "lm_loss_in", "task_loss_in", "ppl_ood", "pareto", "wall_s", "run", "error")
@@ -54,7 +54,7 @@ def sweep_alpha(cfg: Any, alphas: list[float] | None = None, *, runs_dir: str | 
 
     if resume is not None:
         sweep_dir = Path(resume)
-        state = read_json(sweep_dir / "sweep.json", "sweep state (is this a sweep folder?)")
+        state = read_json_object(sweep_dir / "sweep.json", "sweep state (is this a sweep folder?)", ("config", "alphas"))
         cfg = validate_config(state["config"], str(sweep_dir / "sweep.json"))
         alphas = state["alphas"]
     else:

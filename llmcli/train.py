@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from llmcli.errors import Interrupted, RunFailed, UserError
-from llmcli.io import append_jsonl, atomic_write_text, read_json
+from llmcli.io import append_jsonl, atomic_write_text, read_json_object
 from llmcli.runs import create_run_dir, load_run_config, new_meta, update_meta
 
 # metrics.jsonl keys that measure the machine, not the model: excluded from reproducibility checks.
@@ -108,7 +108,7 @@ def _check_resumable(run_dir: Path) -> Any:
         raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
     step = load_trained(run_dir, "last").checkpoint["step"]
     kept_metrics(run_dir / "metrics.jsonl", step)
-    if step >= cfg.train.steps and read_json(run_dir / "meta.json", "run meta").get("status") == "completed":
+    if step >= cfg.train.steps and read_json_object(run_dir / "meta.json", "run meta").get("status") == "completed":
         raise UserError(f"{run_dir}: the run already completed all {cfg.train.steps} steps; nothing to resume")
     return cfg
 
@@ -333,7 +333,7 @@ def _schedule_step(scheduler: Any) -> None:
 
 def meta_params(run_dir: Path) -> str:
     """Parameter count from meta.json, human-readable."""
-    n = read_json(run_dir / "meta.json", "run meta").get("n_params", 0)
+    n = read_json_object(run_dir / "meta.json", "run meta").get("n_params", 0)
     return f"{n / 1e6:.2f}M" if n >= 1e5 else str(n)
 
 
