@@ -43,3 +43,27 @@ def test_a_signal_checkpoints_the_current_step_and_resume_is_exact(tiny, tiny_ru
     monkeypatch.undo()
     train(None, resume=run, **QUIET)
     assert metric_values(run) == metric_values(tiny_run)
+
+
+def test_the_command_line_exits_128_plus_the_signal(processed_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    from .conftest import TINY
+
+    signal_on_batch(monkeypatch, 3, signal.SIGTERM)
+    out = CliRunner().invoke(app, ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+                                   "--runs-dir", str(tmp_path), "--no-progress"])
+    assert out.exit_code == 128 + signal.SIGTERM and "Traceback" not in out.output
+    assert "SIGTERM at step 3: checkpoint written; continue with --resume" in out.stderr
+
+
+def test_a_second_signal_stops_at_once():
+    from llmcli.stopping import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
