@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from llmcli.errors import Interrupted, RunFailed, UserError
-from llmcli.io import append_jsonl, atomic_write_text, read_json_object
+from llmcli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json_object
 from llmcli.runs import create_run_dir, load_run_config, new_meta, update_meta
 
 # metrics.jsonl keys that measure the machine, not the model: excluded from reproducibility checks.
@@ -114,16 +114,14 @@ def _check_resumable(run_dir: Path) -> Any:
 
 
 def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
-    import shutil
-
     from llmcli.config import dump_config
     from llmcli.models.model import n_params
 
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    shutil.copyfile(sess.data.path / "tokenizer.json", run_dir / "tokenizer.json")
-    shutil.copyfile(sess.data.path / "manifest.json", run_dir / "data_manifest.json")
-    (run_dir / "metrics.jsonl").touch()
+    atomic_write_bytes(run_dir / "tokenizer.json", (sess.data.path / "tokenizer.json").read_bytes())
+    atomic_write_bytes(run_dir / "data_manifest.json", (sess.data.path / "manifest.json").read_bytes())
+    atomic_write_text(run_dir / "metrics.jsonl", "")
     meta = new_meta(cfg.seed, {"name": cfg.name, "n_params": n_params(sess.model), "data": str(sess.data.path),
                                "device": sess.device})
     update_meta(run_dir, **meta)
@@ -244,7 +242,7 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
                     window["lm_loss"].append(lm)
                     window["task_loss"].append(task)
                     window["loss"].append(logs["loss"])
-                last_cos = logs.get("grad_cosine", last_cos)
+                    last_cos = logs.get("grad_cosine", last_cos)
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.steps:
                     dt = time.perf_counter() - t_window
