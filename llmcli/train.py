@@ -12,7 +12,7 @@ import numpy as np
 
 from llmcli.errors import Interrupted, RunFailed, UserError
 from llmcli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json_object
-from llmcli.runs import create_run_dir, load_run_config, new_meta, update_meta
+from llmcli.runs import create_run_dir, kept_metrics, load_run_config, new_meta, truncate_metrics, update_meta
 
 # metrics.jsonl keys that measure the machine, not the model: excluded from reproducibility checks.
 TIMING_KEYS = ("tokens_per_s", "time_s")
@@ -142,35 +142,6 @@ def _resume_state(sess: Session, run_dir: Path) -> tuple[int, float, dict[str, A
     step = int(side["step"])
     truncate_metrics(run_dir / "metrics.jsonl", step)
     return step, float(side.get("best_score", float("inf"))), side
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to `step` (see `kept_metrics`)."""
-    atomic_write_text(path, kept_metrics(path, step))
-
-
-def kept_metrics(path: Path, step: int) -> str:
-    """The records up to `step`: a last line cut by a crash mid-write is dropped, other bad lines are errors."""
-    import json
-
-    if not path.is_file():
-        raise UserError(f"{path}: not found; the run folder is incomplete")
-    lines = path.read_bytes().split(b"\n")
-    kept = []
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if lineno == len(lines):  # no newline after it: the append a crash interrupted
-                break
-            raise UserError(f"{path}:{lineno}: not a JSON record (the metrics file is damaged)") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise UserError(f"{path}:{lineno}: a metrics record must be an object with an integer 'step'")
-        if rec["step"] <= step:
-            kept.append(raw.decode("utf-8") + "\n")
-    return "".join(kept)
 
 
 # A run that keeps producing NaN with train.on_nan=skip_batch is broken, not unlucky.
