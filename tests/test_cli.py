@@ -92,3 +92,11 @@ def test_a_diverging_run_exits_1_with_one_line(tmp_path, processed_dir):
     assert out.exit_code == 1 and "Traceback" not in out.output
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "NaN/Inf at step" in errors[0]
+
+
+def test_validate_and_schema_do_not_import_torch():
+    code = ("import sys; from llmcli.cli import app; from typer.testing import CliRunner; r = CliRunner(); "
+            f"assert r.invoke(app, ['validate', {str(TINY)!r}, '--set', 'train.steps=3']).exit_code == 0; "
+            "assert r.invoke(app, ['schema']).exit_code == 0; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
