@@ -8,6 +8,7 @@ leaves a pair that still matches: the old sidecar and the `.prev` tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -72,7 +73,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     atomic_write_json(
         sidecar(path),
-        {**meta, "sha256": sha256_file(path), "optim_groups": opt["param_groups"], "optim_scalars": scalars,
+        {**meta, "sha256": hashlib.sha256(data).hexdigest(), "optim_groups": opt["param_groups"], "optim_scalars": scalars,
          "schedule": sched},
     )
     previous(path).unlink(missing_ok=True)  # the new pair is complete
