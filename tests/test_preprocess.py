@@ -118,3 +118,20 @@ def test_two_concurrent_preprocess_runs_build_the_cache_once(tmp_path):
     assert len(built) == 1 and (built[0] / "manifest.json").is_file()  # no second copy, no leftover temp folder
     manifest = json.loads((built[0] / "manifest.json").read_text())
     assert (built[0] / "tokens.bin").stat().st_size == 2 * manifest["n_tokens"]
+
+
+@pytest.mark.parametrize("damage", ["manifest.json", "tokens.bin", "labels.npy"])
+def test_a_damaged_cache_is_one_clear_error(tiny, tmp_path, damage):
+    import shutil
+
+    from llmcli.errors import UserError
+
+    src = preprocess(tiny().data, log=lambda m: None)
+    copy = shutil.copytree(src, tmp_path / "copy")
+    if damage == "tokens.bin":
+        (copy / damage).unlink()
+    else:
+        (copy / damage).write_text("{")
+    with pytest.raises(UserError, match=r"processed data is damaged .*run llmcli preprocess again") as e:
+        ProcessedData(copy)
+    assert str(e.value).startswith(str(copy)) and "\n" not in str(e.value)

@@ -48,6 +48,27 @@ def test_a_read_only_runs_folder_is_one_clear_error(tmp_path, processed_dir):
     assert list(runs.iterdir()) == []
 
 
+def test_a_permission_error_on_the_runs_folder_is_one_clear_error(tmp_path, processed_dir, monkeypatch):
+    """What a read-only runs/ does, simulated so that it also runs as root (where chmod has no effect)."""
+    import llmcli.runs as runs_module
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    real = runs_module.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.parent == runs:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module.Path, "mkdir", mkdir)
+    out = CliRunner().invoke(app, ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+                                   "--runs-dir", str(runs), "--no-progress"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.stderr.strip().splitlines()[-1] == f"error: {runs}: cannot create a run folder here (Permission denied)"
+    assert list(runs.iterdir()) == []
+
+
 def test_a_runs_folder_that_is_a_file_is_one_clear_error(tmp_path):
     (tmp_path / "runs").write_text("")
     with pytest.raises(UserError, match="cannot create the runs folder"):
