@@ -86,10 +86,13 @@ def _run_point(cfg: Any, alpha: float, sweep_dir: Path, progress: bool, log: Any
     point = sweep_dir / point_name(alpha)
     done = point / "eval" / "test.json"
     meta = point / "meta.json"
-    if done.is_file() and meta.is_file() and read_json(meta).get("status") == "completed":
+    status = read_json_object(meta, "run meta").get("status") if meta.is_file() else None
+    if done.is_file() and status == "completed":
         log(f"sweep: alpha={alpha:g} already finished, skipped")
-        return _row(alpha, read_json(done), read_json(meta).get("wall_s"), point)
-    if point.exists():  # an unfinished attempt: keep it aside rather than delete it
+        return _row(alpha, read_json(done), read_json_object(meta, "run meta").get("wall_s"), point)
+    # a point stopped by a signal or a crash continues exactly where it was; a failed one starts over
+    resumable = status in ("interrupted", "stopped", "running") and (point / "checkpoints" / "last.json").is_file()
+    if point.exists() and not resumable:  # an unfinished attempt: keep it aside rather than delete it
         n = 1
         while point.with_name(f"{point.name}.attempt{n}").exists():
             n += 1
@@ -98,8 +101,12 @@ def _run_point(cfg: Any, alpha: float, sweep_dir: Path, progress: bool, log: Any
                                        "name": f"{cfg.name}-a{alpha:g}"})
     t0 = time.perf_counter()
     try:
-        point.mkdir(parents=True)
-        train(point_cfg, run_dir=point, progress=progress, log=log)
+        if resumable:
+            log(f"sweep: alpha={alpha:g} was interrupted; resuming it")
+            train(None, resume=point, progress=progress, log=log)
+        else:
+            point.mkdir(parents=True)
+            train(point_cfg, run_dir=point, progress=progress, log=log)
         result = evaluate(point, split="test", log=log)
     except KeyboardInterrupt:
         raise

@@ -69,3 +69,40 @@ def test_resume_of_a_folder_that_is_not_a_sweep(tmp_path):
 
 def test_pareto_mask_keeps_the_non_dominated_points():
     assert pareto_mask([(1, 5), (2, 2), (3, 3), (5, 1)]) == [True, True, False, True]
+
+
+def test_an_interrupted_point_resumes_exactly_where_it_stopped(tiny, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from llmcli.errors import Interrupted
+    from llmcli.models.model import TwoHeadModel
+    from llmcli.train import TIMING_KEYS, train
+
+    real, calls = TwoHeadModel.losses, [0]
+
+    def losses(self, batch, task_loss):  # SIGINT during the 7th training step of the second point
+        calls[0] += 1
+        if calls[0] == 10 + 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, batch, task_loss)
+
+    monkeypatch.setattr(TwoHeadModel, "losses", losses)
+    cfg = tiny("train.steps=10", "train.eval_every=10")
+    with pytest.raises(Interrupted):
+        sweep_alpha(cfg, [0.0, 1.0], runs_dir=tmp_path, **QUIET)
+    monkeypatch.undo()
+    sweep = next(tmp_path.iterdir())
+    assert json.loads((sweep / "alpha-1" / "meta.json").read_text())["status"] == "interrupted"
+    sweep_alpha(None, resume=sweep, **QUIET)
+    assert [r["status"] for r in rows(sweep)] == ["completed", "completed"]
+    assert json.loads((sweep / "alpha-1" / "meta.json").read_text())["resumed_at_step"] == 7
+    assert not list(sweep.glob("*.attempt*"))
+    fresh = train(tiny("train.steps=10", "train.eval_every=10", "objective.alpha=1.0", "name=tiny-a1"),
+                  runs_dir=tmp_path / "fresh", **QUIET)
+
+    def values(run):
+        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
+
+    assert values(sweep / "alpha-1") == values(fresh)
