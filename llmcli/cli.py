@@ -12,9 +12,40 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, `-n abc`) become one line on stderr and exit 2, like all bad input."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            # click's exceptions (typer vendors its own copy of click), told apart by what they carry
+            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `llmcli`: the help text, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            msg = " ".join(exc.format_message().split())
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {where}{msg}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="llmcli",
+    cls=OneLineErrors,
     help="A command-line lab for conflicting objectives (L vs T) and mismatched generalisation (in- vs out-of-domain).",
     no_args_is_help=True,
     add_completion=False,
@@ -29,18 +60,33 @@ def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _guard(fn: Callable[[], Any]) -> Any:
-    """Run a command body: bad input -> one line on stderr, exit 2; Ctrl-C -> exit 130."""
-    from llmcli.errors import UserError
+def _guard(fn: Callable[[], Any], config: str | None = None) -> Any:
+    """Run a command body: bad input -> one line on stderr, exit 2; a failed run -> exit 1;
+    a stop on SIGINT/SIGTERM -> exit 128 + signal (130 for Ctrl-C).
+
+    An error about a config field found after loading (e.g. data.train_domains) gets the config's file name.
+    """
+    from llmcli.errors import Interrupted, RunFailed, UserError
 
     try:
         return fn()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_with_file(str(exc), config)}", err=True)
         raise typer.Exit(2) from None
+    except RunFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Interrupted as exc:
+        raise typer.Exit(128 + exc.signum) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def _with_file(msg: str, config: str | None) -> str:
+    from llmcli.config import is_field_message
+
+    return f"{config}: {msg}" if config and is_field_message(msg) else msg
 
 
 def _config(path: str, overrides: list[str]) -> Any:
@@ -64,7 +110,7 @@ def preprocess(
         print_report(out)
         typer.echo(out)
 
-    _guard(body)
+    _guard(body, config)
 
 
 @app.command()
@@ -88,7 +134,7 @@ def train(
         cfg = _config(config, set_) if config else None
         typer.echo(run(cfg, runs_dir=runs_dir, resume=resume, progress=progress, log=_log))
 
-    _guard(body)
+    _guard(body, config or (resume and str(Path(resume) / "config.yaml")))
 
 
 @app.command("eval")
@@ -252,6 +298,27 @@ def sweep_alpha(
             typer.echo(exc.sweep_dir)
             raise typer.Exit(1) from None
         typer.echo(out)
+
+    _guard(body, config)
+
+
+@app.command()
+def reproduce(
+    run_dir: str = typer.Argument(..., help="A run folder."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Compare only the first K steps (default: all it ran)."),
+    atol: float = typer.Option(0.0, "--atol", help="Allowed absolute difference per metric value."),
+) -> None:
+    """Re-run a run's config in a temporary folder; exit 0 if its metrics match the recorded ones, else 1."""
+
+    def body() -> None:
+        from llmcli.reproduce import reproduce as run
+
+        result = run(run_dir, steps=steps, atol=atol, log=_log)
+        if not result.ok:
+            typer.echo(f"reproduce: DIFFERENT at {result.difference}")
+            raise typer.Exit(1)
+        same = "identical" if atol == 0 else f"equal within {atol:g}"
+        typer.echo(f"reproduce: OK, {result.n_records} records over {result.steps} steps {same} (timing keys ignored)")
 
     _guard(body)
 

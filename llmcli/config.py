@@ -21,9 +21,9 @@ from llmcli.registry import _load_plugins, registry
 
 
 class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors."""
+    """Base of every config model: unknown keys are errors, and so are inf / nan numbers."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- data sources and tokenizers
@@ -124,6 +124,12 @@ class SplitConfig(Strict):
         None, description="exact duplicate texts across splits: drop the later-split copies, fail, or keep; "
         "null = drop for ratio splits, error for a fixed split")
 
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must be below 1 (given {self.val} + {self.test}), or nothing is left to train on")
+        return self
+
 
 class TokenDropout(Strict):
     """Delete each body token with probability p."""
@@ -163,6 +169,12 @@ class GPTConfig(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
     block_size: int = Field(256, ge=8, description="longest sequence (positions) the model can see")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        return self
 
 
 class _RecurrentBase(Strict):
@@ -318,6 +330,12 @@ class SGDConfig(Strict):
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0.0)
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGDConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
 
 class CosineSchedule(Strict):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
@@ -351,6 +369,12 @@ class TrainConfig(Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_every: int = Field(200, ge=1, description="validate every N steps (and at the end)")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also write a resumable checkpoints/last every N steps; null = at eval steps only"
+    )
+    on_nan: Literal["stop", "skip_batch"] = Field(
+        "stop", description="a NaN/Inf loss: stop the run (status failed) or skip that batch's update"
+    )
     val_max_examples: int | None = Field(512, ge=1, description="per-domain cap on validation records")
     log_every: int = Field(10, ge=1)
     grad_clip: float | None = Field(1.0, gt=0.0)
@@ -423,6 +447,14 @@ class ExperimentBase(Strict):
 
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _records_fit_the_model(self) -> ExperimentBase:
+        # any backbone with a positional limit (`block_size`) must hold a whole record
+        block, max_len = getattr(getattr(self, "model", None), "block_size", None), self.data.max_len
+        if block is not None and max_len > block:
+            raise ValueError(f"model.block_size: {block} is shorter than data.max_len ({max_len})")
+        return self
 
 
 # ---------------------------------------------------------------- built-in components
@@ -526,12 +558,29 @@ def experiment_model() -> type[BaseModel]:
 # ---------------------------------------------------------------- loading and overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a UserError."""
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -570,6 +619,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _key(part: Any) -> str:
+    """A path component as written: plain names as they are, anything odd (spaces, newlines, '') quoted."""
+    text = str(part)
+    return text if re.fullmatch(r"[\w-]+", text) else repr(part)
+
+
 def _dotted(data: Any, loc: tuple[Any, ...]) -> str:
     """Dotted path of an error location, with discriminated-union tags dropped."""
     path: list[str] = []
@@ -577,7 +632,7 @@ def _dotted(data: Any, loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(node, dict) and part not in node and node.get("name") == part:
             continue  # a union tag, not a key the user wrote
-        path.append(str(part))
+        path.append(_key(part))
         if isinstance(node, list) and isinstance(part, int):  # an item of a list section (data.sources)
             node = node[part] if part < len(node) else None
         else:
@@ -608,7 +663,7 @@ def _parent_class(data: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if kind:
             name = node.get("name") if isinstance(node, dict) else None
             entries = registry(kind).entries
-            cls = entries[name].config if name in entries else None
+            cls = entries[name].config if isinstance(name, str) and name in entries else None
         else:
             cls = field.annotation
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
@@ -624,12 +679,16 @@ def format_error(source: str, data: dict[str, Any], err: ValidationError) -> str
         allowed = ", ".join(parent.model_fields) if parent else "see `llmcli schema`"
         msg = f"{path}: unknown key (allowed here: {allowed})"
     elif kind and e["type"] in ("union_tag_invalid", "literal_error", "union_tag_not_found"):
-        name = given.get("name") if isinstance(given, dict) else given
+        # a literal error carries the name itself; a union-tag error carries the whole section
+        name = given.get("name") if isinstance(given, dict) and e["type"] != "literal_error" else given
         msg = f"{path.removesuffix('.name')}.name: unknown {kind} {name!r} (valid: {', '.join(registry(kind).names())})"
     else:
         text = e["msg"].removeprefix("Value error, ")
         msg = f"{path}: {text} (given: {given!r})" if not isinstance(given, dict) else f"{path}: {text}"
+        if not path:  # a check across sections names its fields itself
+            msg = text
     more = len(err.errors()) - 1
+    msg = msg.replace("\n", "\\n")  # one line, whatever the input held
     return f"{source}: {msg}" + (f" [and {more} more error{'s' * (more > 1)}]" if more else "")
 
 
@@ -660,6 +719,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseMod
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides or [])
     return validate_config(data, str(path) + (" (with --set)" if overrides else ""))
+
+
+def is_field_message(msg: str) -> bool:
+    """Whether an error message starts with a config field path (`data.train_domains: ...`)."""
+    head = msg.split(":", 1)[0]
+    return "." in head and " " not in head and head.split(".")[0] in experiment_model().model_fields
 
 
 def dump_config(cfg: BaseModel) -> str:

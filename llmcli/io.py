@@ -27,7 +27,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: write failed ({exc.strerror})") from None
+        raise UserError(f"{path}: write failed ({exc.strerror or exc})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -45,10 +45,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise UserError(f"{path}: write failed ({exc.strerror or exc})") from None
 
 
 def read_json(path: Path, what: str = "file") -> Any:
@@ -60,6 +63,17 @@ def read_json(path: Path, what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def read_json_object(path: Path, what: str = "file", keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a JSON object holding `keys`; anything else is a UserError naming the file and what is missing."""
+    obj = read_json(path, what)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise UserError(f"{path}: {what} lacks {', '.join(repr(k) for k in missing)}")
+    return obj
 
 
 def sha256_file(path: Path) -> str:

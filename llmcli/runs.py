@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import secrets
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_json, read_json
+from llmcli.io import atomic_write_json, atomic_write_text, read_json_object
 
 
 def create_run_dir(runs_dir: Path, name: str, prefix: str = "") -> Path:
@@ -69,7 +70,7 @@ def new_meta(seed: int, extra: dict[str, Any]) -> dict[str, Any]:
 def update_meta(run_dir: Path, **changes: Any) -> dict[str, Any]:
     """Merge changes into meta.json (atomically)."""
     path = Path(run_dir) / "meta.json"
-    meta = read_json(path, "run meta") if path.exists() else {}
+    meta = read_json_object(path, "run meta") if path.exists() else {}
     meta.update(changes)
     atomic_write_json(path, meta)
     return meta
@@ -85,3 +86,30 @@ def load_run_config(run_dir: Path) -> Any:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.yaml)")
     return load_config(run_dir / "config.yaml")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step` (see `kept_metrics`)."""
+    atomic_write_text(path, kept_metrics(path, step))
+
+
+def kept_metrics(path: Path, step: int) -> str:
+    """The records up to `step`: a last line cut by a crash mid-write is dropped, other bad lines are errors."""
+    if not path.is_file():
+        raise UserError(f"{path}: not found; the run folder is incomplete")
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if lineno == len(lines):  # no newline after it: the append a crash interrupted
+                break
+            raise UserError(f"{path}:{lineno}: not a JSON record (the metrics file is damaged)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise UserError(f"{path}:{lineno}: a metrics record must be an object with an integer 'step'")
+        if rec["step"] <= step:
+            kept.append(raw.decode("utf-8") + "\n")
+    return "".join(kept)

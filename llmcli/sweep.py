@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from llmcli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_json_object
 
 COLUMNS = ("mode", "variable", "value", "seed", "status", "acc_in", "macro_f1_in", "acc_ood", "macro_f1_ood",
            "gap_acc", "ppl_in", "ppl_ood", "lm_loss_in", "task_loss_in", "grad_cosine", "pareto", "wall_s",
@@ -107,9 +107,8 @@ def sweep_alpha(cfg: Any, alphas: list[float] | None = None, *, runs_dir: str | 
 
     if resume is not None:
         sweep_dir = Path(resume)
-        state = read_json(sweep_dir / "sweep.json", "sweep state (is this a sweep folder?)")
-        if "variable" not in state:
-            raise UserError(f"{sweep_dir / 'sweep.json'}: not a sweep state file (no 'variable')")
+        state = read_json_object(sweep_dir / "sweep.json", "sweep state (is this a sweep folder?)",
+                                 ("config", "variable", "grid", "seeds", "mode"))
         cfg = validate_config(state["config"], str(sweep_dir / "sweep.json"))
     else:
         state = _new_state(cfg, alphas, betas, seeds, mode)

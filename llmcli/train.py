@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from llmcli.errors import UserError
-from llmcli.io import append_jsonl, atomic_write_text, read_json
-from llmcli.runs import create_run_dir, load_run_config, new_meta, update_meta
+from llmcli.errors import Interrupted, RunFailed, UserError
+from llmcli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json_object
+from llmcli.runs import create_run_dir, kept_metrics, load_run_config, new_meta, truncate_metrics, update_meta
 
 # metrics.jsonl keys that measure the machine, not the model: excluded from reproducibility checks.
 TIMING_KEYS = ("tokens_per_s", "time_s")
@@ -106,27 +106,48 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
     """
     if resume is not None:
         run_dir = Path(resume)
-        cfg = load_run_config(run_dir)
-        if not (run_dir / "checkpoints" / "last.safetensors").is_file():
-            raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
+        cfg = _check_resumable(run_dir)
     sess = Session(cfg, log, resuming=resume is not None)
     if resume is None:
-        run_dir = create_run_dir(Path(runs_dir), cfg.name) if run_dir is None else Path(run_dir)
-        _start_run(run_dir, cfg, sess)
+        created = run_dir is None
+        run_dir = create_run_dir(Path(runs_dir), cfg.name) if created else Path(run_dir)
+        try:
+            _start_run(run_dir, cfg, sess)
+        except BaseException as exc:
+            if created:  # a run that could not start leaves nothing behind
+                import shutil
+
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+            raise
     return _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
 
 
-def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
-    import shutil
+def _check_resumable(run_dir: Path) -> Any:
+    """The run's config, once its last checkpoint is known to fit its model: a bad run folder fails before
+    any data is loaded or anything is written."""
+    from llmcli.models.load import load_trained
 
+    cfg = load_run_config(run_dir)
+    if not (run_dir / "checkpoints" / "last.safetensors").is_file():
+        raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
+    step = load_trained(run_dir, "last").checkpoint["step"]
+    kept_metrics(run_dir / "metrics.jsonl", step)
+    if step >= cfg.train.steps and read_json_object(run_dir / "meta.json", "run meta").get("status") == "completed":
+        raise UserError(f"{run_dir}: the run already completed all {cfg.train.steps} steps; nothing to resume")
+    return cfg
+
+
+def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
     from llmcli.config import dump_config
     from llmcli.models.model import n_params
 
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    shutil.copyfile(sess.data.path / "tokenizer.json", run_dir / "tokenizer.json")
-    shutil.copyfile(sess.data.path / "manifest.json", run_dir / "data_manifest.json")
-    (run_dir / "metrics.jsonl").touch()
+    atomic_write_bytes(run_dir / "tokenizer.json", (sess.data.path / "tokenizer.json").read_bytes())
+    atomic_write_bytes(run_dir / "data_manifest.json", (sess.data.path / "manifest.json").read_bytes())
+    atomic_write_text(run_dir / "metrics.jsonl", "")
     meta = new_meta(cfg.seed, {"name": cfg.name, "n_params": n_params(sess.model), "data": str(sess.data.path),
                                "device": sess.device})
     update_meta(run_dir, **meta)
@@ -136,19 +157,21 @@ def _resume_state(sess: Session, run_dir: Path) -> tuple[int, float, dict[str, A
     """Load last.safetensors into the session; drop metric records after its step."""
     from llmcli.checkpoint import load_checkpoint, restore_model, restore_training
 
-    path = run_dir / "checkpoints" / "last.safetensors"
-    tensors, side = load_checkpoint(path)
+    ckpt = run_dir / "checkpoints"
+    for stale in ckpt.glob(".*.tmp"):  # temporary files of a write that a crash cut short
+        stale.unlink(missing_ok=True)
+    path = ckpt / "last.safetensors"
+    tensors, side = load_checkpoint(path, repair=True)
     restore_model(sess.model, tensors, path)
-    restore_training(sess.optimizer, sess.scheduler, tensors, side)
+    restore_training(sess.optimizer, sess.scheduler, tensors, side, path)
     sess.objective.load_state_dict(side.get("objective", {}))
     step = int(side["step"])
-    metrics = run_dir / "metrics.jsonl"
-    import json
-
-    kept = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
+    truncate_metrics(run_dir / "metrics.jsonl", step)
     return step, float(side.get("best_score", float("inf"))), side
+
+
+# A run that keeps producing NaN with train.on_nan=skip_batch is broken, not unlucky.
+MAX_CONSECUTIVE_SKIPS = 20
 
 
 def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any, stop_after: int | None) -> Path:
@@ -156,6 +179,7 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
     from tqdm import tqdm
 
     from llmcli.checkpoint import save_checkpoint
+    from llmcli.stopping import StopRequest
 
     cfg, model, tc = sess.cfg, sess.model, sess.cfg.train
     step, best, side = _resume_state(sess, run_dir) if resuming else (0, float("inf"), {})
@@ -165,75 +189,104 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
     # the partial logging window travels in the checkpoint, so a resumed run logs the same means
     window: dict[str, list[float]] = side.get("window") or {"lm_loss": [], "task_loss": [], "loss": []}
     last_cos: float | None = side.get("last_cos")
+    last_ckpt, skipped, consecutive_nan = step, [], 0
     tokens, t_window = 0, time.perf_counter()
+
+    def checkpoint(records: list[dict[str, Any]], is_best: bool) -> None:
+        nonlocal last_ckpt
+        side = {"step": step, "metrics": {r["domain"]: r for r in records}, "best_score": best,
+                "objective": sess.objective.state_dict(), "window": window, "last_cos": last_cos}
+        ckpt = run_dir / "checkpoints"
+        if is_best:
+            save_checkpoint(ckpt / "best.safetensors", model, sess.optimizer, sess.scheduler, side)
+        save_checkpoint(ckpt / "last.safetensors", model, sess.optimizer, sess.scheduler, side)
+        last_ckpt = step
+
     log(f"train: {run_dir} | {cfg.model.name} {meta_params(run_dir)} params | objective {cfg.objective.name} "
         f"| {len(sess.train_idx)} training records | step {step}/{tc.steps}")
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     try:
-        while step < tc.steps:
-            sess.optimizer.zero_grad(set_to_none=True)
-            lm, task, logs, n_tokens = _accumulate(sess, step, shared)
-            if not (np.isfinite(lm) and np.isfinite(task)):
-                raise UserError(f"train: the loss became NaN/Inf at step {step + 1}; lower optim.lr or check the data")
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            sess.optimizer.step()
-            sess.scheduler.step()
-            step += 1
-            tokens += n_tokens
-            window["lm_loss"].append(lm)
-            window["task_loss"].append(task)
-            for k, v in logs.items():  # loss, and objective-specific figures (lambda, log_var_*, ...)
-                if k != "grad_cosine":
-                    window.setdefault(k, []).append(v)
-            last_cos = logs.get("grad_cosine", last_cos)
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                dt = time.perf_counter() - t_window
-                rec = {"step": step, "split": "train", **{k: float(np.mean(v)) for k, v in window.items()},
-                       "lr": sess.scheduler.get_last_lr()[0]}
-                if last_cos is not None:
-                    rec["grad_cosine"] = last_cos
-                rec["tokens_per_s"] = tokens / dt if dt > 0 else 0.0
-                append_jsonl(metrics, rec)
-                bar.set_postfix(lm=f"{rec['lm_loss']:.3f}", task=f"{rec['task_loss']:.3f}")
-                window = {k: [] for k in window}
-                last_cos, tokens, t_window = None, 0, time.perf_counter()
-            if step % tc.eval_every == 0 or step == tc.steps:
-                records, value = sess.validate(step)
-                for r in records:
-                    append_jsonl(metrics, r)
-                is_best = bool(value < best)
-                append_jsonl(metrics, {"step": step, "split": "val", "domain": "in_domain", "objective": value,
-                                       "best": is_best})
-                best = min(best, value)
-                side = {"step": step, "metrics": {r["domain"]: r for r in records}, "best_score": best,
-                        "objective": sess.objective.state_dict(), "window": window, "last_cos": last_cos}
-                ckpt = run_dir / "checkpoints"
-                if is_best:
-                    save_checkpoint(ckpt / "best.safetensors", model, sess.optimizer, sess.scheduler, side)
-                save_checkpoint(ckpt / "last.safetensors", model, sess.optimizer, sess.scheduler, side)
-                ind = [r for r in records if r["domain"] in sess.data.train_domains]
-                if ind:
-                    msg = f"step {step}: val " + " ".join(
-                        f"{r['domain']} acc={r.get('acc', float('nan')):.3f} ppl={r['ppl']:.1f}" for r in ind)
-                    tqdm.write(msg, file=sys.stderr) if progress else log(msg)
-            elif stop_after is not None and step >= stop_after:
-                side = {"step": step, "metrics": {}, "best_score": best, "objective": sess.objective.state_dict(),
-                        "window": window, "last_cos": last_cos}
-                save_checkpoint(run_dir / "checkpoints" / "last.safetensors", model, sess.optimizer, sess.scheduler,
-                                side)
-            if stop_after is not None and step >= stop_after and step < tc.steps:
-                update_meta(run_dir, status="stopped", step=step)
-                log(f"train: stopped after step {step}; continue with --resume {run_dir}")
-                return run_dir
+        with StopRequest() as stop:
+            if not resuming:
+                checkpoint([], False)  # step 0: a run killed at any later step can resume
+            while step < tc.steps:
+                sess.optimizer.zero_grad(set_to_none=True)
+                lm, task, logs, n_tokens = _accumulate(sess, step, shared)
+                bad = None if np.isfinite(lm) and np.isfinite(task) else f"lm_loss={lm}, task_loss={task}"
+                if bad is None and tc.grad_clip:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    bad = None if torch.isfinite(norm) else f"gradient norm={float(norm)}"
+                if bad is None:
+                    sess.optimizer.step()
+                    consecutive_nan = 0
+                else:
+                    consecutive_nan += 1
+                    _on_nan(tc.on_nan, step + 1, bad, last_ckpt, consecutive_nan)
+                    sess.optimizer.zero_grad(set_to_none=True)
+                    skipped.append(step + 1)
+                    update_meta(run_dir, skipped_batches=skipped)
+                    log(f"train: NaN/Inf at step {step + 1} ({bad}); batch skipped (train.on_nan=skip_batch)")
+                _schedule_step(sess.scheduler)
+                step += 1
+                tokens += n_tokens
+                if bad is None:
+                    window["lm_loss"].append(lm)
+                    window["task_loss"].append(task)
+                    for k, v in logs.items():  # loss, and objective-specific figures (lambda, log_var_*, ...)
+                        if k != "grad_cosine":
+                            window.setdefault(k, []).append(v)
+                    last_cos = logs.get("grad_cosine", last_cos)
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    dt = time.perf_counter() - t_window
+                    rec = {"step": step, "split": "train", **{k: float(np.mean(v)) for k, v in window.items() if v},
+                           "lr": sess.scheduler.get_last_lr()[0]}
+                    if last_cos is not None:
+                        rec["grad_cosine"] = last_cos
+                    rec["tokens_per_s"] = tokens / dt if dt > 0 else 0.0
+                    append_jsonl(metrics, rec)
+                    if "lm_loss" in rec:
+                        bar.set_postfix(lm=f"{rec['lm_loss']:.3f}", task=f"{rec['task_loss']:.3f}")
+                    window = {k: [] for k in window}
+                    last_cos, tokens, t_window = None, 0, time.perf_counter()
+                saved = False
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    records, value = sess.validate(step)
+                    for r in records:
+                        append_jsonl(metrics, r)
+                    is_best = bool(value < best)
+                    append_jsonl(metrics, {"step": step, "split": "val", "domain": "in_domain", "objective": value,
+                                           "best": is_best})
+                    best = min(best, value)
+                    checkpoint(records, is_best)
+                    saved = True
+                    ind = [r for r in records if r["domain"] in sess.data.train_domains]
+                    if ind:
+                        msg = f"step {step}: val " + " ".join(
+                            f"{r['domain']} acc={r.get('acc', float('nan')):.3f} ppl={r['ppl']:.1f}" for r in ind)
+                        tqdm.write(msg, file=sys.stderr) if progress else log(msg)
+                stopping = stop.signum is not None or (stop_after is not None and step >= stop_after)
+                if not saved and step < tc.steps and (stopping or (tc.checkpoint_every
+                                                                   and step % tc.checkpoint_every == 0)):
+                    checkpoint([], False)
+                if stop.signum is not None and step < tc.steps:
+                    update_meta(run_dir, status="interrupted", step=step, signal=stop.name,
+                                ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                    msg = f"train: {stop.name} at step {step}: checkpoint written; continue with --resume {run_dir}"
+                    log(msg)
+                    raise Interrupted(stop.signum, msg)
+                if stop_after is not None and step >= stop_after and step < tc.steps:
+                    update_meta(run_dir, status="stopped", step=step)
+                    log(f"train: stopped after step {step}; continue with --resume {run_dir}")
+                    return run_dir
+    except Interrupted:
+        raise
     except KeyboardInterrupt:
-        update_meta(run_dir, status="interrupted", step=step, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _mark(run_dir, status="interrupted", step=step)
         raise
     except BaseException as exc:
-        update_meta(run_dir, status="failed", step=step, error=str(exc).splitlines()[0] if str(exc) else repr(exc),
-                    ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _mark(run_dir, status="failed", step=step, error=str(exc).splitlines()[0] if str(exc) else repr(exc))
         raise
     finally:
         bar.close()
@@ -283,9 +336,36 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
     return float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens
 
 
+def _mark(run_dir: Path, **changes: Any) -> None:
+    """Record how a run ended, best effort: on a full disk this write fails too, and the first error matters."""
+    try:
+        update_meta(run_dir, **changes, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    except (UserError, OSError):
+        pass
+
+
+def _on_nan(policy: str, step: int, what: str, last_ckpt: int, consecutive: int) -> None:
+    """Stop the run (policy stop, or too many NaN batches in a row); otherwise let the loop skip the batch."""
+    keep = f"the last good checkpoint (step {last_ckpt}) is kept in checkpoints/last.safetensors"
+    if policy == "stop":
+        raise RunFailed(f"train: the loss became NaN/Inf at step {step} ({what}); {keep}; "
+                        "lower optim.lr, or set train.on_nan=skip_batch")
+    if consecutive > MAX_CONSECUTIVE_SKIPS:
+        raise RunFailed(f"train: NaN/Inf in {consecutive} batches in a row (last at step {step}, {what}); {keep}")
+
+
+def _schedule_step(scheduler: Any) -> None:
+    """Advance the schedule; after a skipped first batch torch warns that no optimiser step came first."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
+
+
 def meta_params(run_dir: Path) -> str:
     """Parameter count from meta.json, human-readable."""
-    n = read_json(run_dir / "meta.json", "run meta").get("n_params", 0)
+    n = read_json_object(run_dir / "meta.json", "run meta").get("n_params", 0)
     return f"{n / 1e6:.2f}M" if n >= 1e5 else str(n)
 
 

@@ -107,3 +107,19 @@ def test_bad_objective_bound_init_from_and_freeze_exit_2_with_one_line(tmp_path,
     lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_diverging_run_exits_1_with_one_line(tmp_path, processed_dir):
+    s = ["--set", f"data.processed_dir={processed_dir}", "--set", "optim.lr=1e8", "--set", "train.grad_clip=null"]
+    out = run("train", str(TINY), *s, "--runs-dir", str(tmp_path), "--no-progress")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "NaN/Inf at step" in errors[0]
+
+
+def test_validate_and_schema_do_not_import_torch():
+    code = ("import sys; from llmcli.cli import app; from typer.testing import CliRunner; r = CliRunner(); "
+            f"assert r.invoke(app, ['validate', {str(TINY)!r}, '--set', 'train.steps=3']).exit_code == 0; "
+            "assert r.invoke(app, ['schema']).exit_code == 0; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

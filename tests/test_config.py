@@ -113,3 +113,66 @@ def test_last_override_wins(pairs):
         for part in key.split("."):
             node = node[part]
         assert node == last
+
+
+# ---------------------------------------------------------------- property-based: hostile configs and --set
+
+KEYS = st.sampled_from(["data", "model", "train", "optim", "objective", "schedule", "source", "tokenizer", "name",
+                        "steps", "alpha", "lr", "n_layer", "versions", "split", "max_len", "gpt", "weighted",
+                        "sgd", "bible", "jsonl"]) | st.text(max_size=6)
+SCALARS = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=8)
+           | st.sampled_from(["gpt", "sgd", "adamw", "bible", "jsonl", "cosine", "weighted", "kjv"]))
+VALUES = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(KEYS, kids, max_size=3),
+                      max_leaves=10)
+HYPO = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+
+
+def loads_or_one_line_error(path: Path, overrides: list[str] | None = None) -> None:
+    """The property: a config either loads, or fails with one UserError line that starts with its file."""
+    try:
+        load_config(path, overrides)
+    except UserError as exc:
+        msg = str(exc)
+        assert "\n" not in msg, msg
+        assert msg.startswith(str(path)) or msg.startswith("--set"), msg
+
+
+@HYPO
+@given(st.dictionaries(KEYS, VALUES, max_size=5))
+def test_any_yaml_mapping_loads_or_fails_with_one_line(tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "hypo-mapping.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    loads_or_one_line_error(path)
+
+
+@HYPO
+@given(st.text(max_size=120) | st.binary(max_size=60))
+def test_any_file_content_loads_or_fails_with_one_line(tmp_path_factory, content):
+    path = tmp_path_factory.getbasetemp() / "hypo-text.yaml"
+    path.write_bytes(content.encode("utf-8", "surrogatepass") if isinstance(content, str) else content)
+    loads_or_one_line_error(path)
+
+
+DOTTED = st.lists(KEYS, min_size=1, max_size=4).map(".".join) | st.sampled_from(
+    ["train.steps", "optim.lr", "model.n_layer", "objective.alpha", "data.source.versions", "optim.name"])
+RAW_VALUES = SCALARS.map(lambda v: yaml.safe_dump(v, default_flow_style=True).removesuffix("\n...\n").strip())
+
+
+@HYPO
+@given(st.lists(st.builds(lambda k, v: f"{k}={v}", DOTTED, RAW_VALUES) | st.text(max_size=20), max_size=3))
+def test_any_set_overrides_load_or_fail_with_one_line(overrides):
+    loads_or_one_line_error(TINY, overrides)
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.builds(lambda k, v: f"{k}={v}", DOTTED, RAW_VALUES) | st.text(max_size=20))
+def test_validate_with_any_set_exits_0_or_2_with_one_line(override):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(TINY), "--set", override])
+    assert result.exit_code in (0, 2) and "Traceback" not in result.output
+    assert isinstance(result.exception, (SystemExit, type(None))), result.exception
+    if result.exit_code == 2:
+        assert len(result.stderr.strip().splitlines()) == 1

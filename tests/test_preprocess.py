@@ -185,3 +185,41 @@ def test_the_default_train_domain_is_the_first_one_not_held_out(tmp_path):
     cfg = jsonl_cfg(tmp_path, records(60), split={"val": 0.2, "test": 0.2, "holdout_domains": ["y"]})
     data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
     assert data.domains[0] == "y" and data.train_domains == ["x"]
+
+
+def test_two_concurrent_preprocess_runs_build_the_cache_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, TINY
+
+    cache = tmp_path / "processed"
+    cmd = [sys.executable, "-m", "llmcli", "preprocess", str(TINY), "--set", f"data.processed_dir={cache}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0]  # both print the same folder
+    built = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(built) == 1 and (built[0] / "manifest.json").is_file()  # no second copy, no leftover temp folder
+    manifest = json.loads((built[0] / "manifest.json").read_text())
+    assert (built[0] / "tokens.bin").stat().st_size == 2 * manifest["n_tokens"]
+
+
+@pytest.mark.parametrize("damage", ["manifest.json", "tokens.bin", "labels.npy"])
+def test_a_damaged_cache_is_one_clear_error(tiny, tmp_path, damage):
+    import shutil
+
+    from llmcli.errors import UserError
+
+    src = preprocess(tiny().data, log=lambda m: None)
+    copy = shutil.copytree(src, tmp_path / "copy")
+    if damage == "tokens.bin":
+        (copy / damage).unlink()
+    else:
+        (copy / damage).write_text("{")
+    with pytest.raises(UserError, match=r"processed data is damaged .*run llmcli preprocess again") as e:
+        ProcessedData(copy)
+    assert str(e.value).startswith(str(copy)) and "\n" not in str(e.value)

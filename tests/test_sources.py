@@ -166,7 +166,7 @@ BAD = [
     ("d.jsonl", b'{"text": "ok"}\n{"text": "fine"}\n{"text": oops}\n', {}, r"d\.jsonl:3: invalid JSON"),
     ("d.jsonl", b'{"text": "ok"}\n\n{"body": "no text"}\n', {}, r"d\.jsonl:3: no 'text' field"),
     ("d.jsonl", b'{"text": "ok", "label": "a"}\n{"text": "x", "label": 1.5}\n', {},
-     r"d\.jsonl:2: label 1\.5 is a float; allowed: a string, an integer or null"),
+     r"d\.jsonl:2: 'label' must be a string, an integer or null, got a float \(1\.5\)"),
     ("d.jsonl", b'{"text": "ok", "label": "a"}\n{"text": "x", "label": 3}\n', {},
      r"d\.jsonl:2: label 3 is a int, but .*d\.jsonl:1 has a str label"),
     ("d.csv", b"body,label\nhello,a\n", {}, r"d\.csv:1: no column 'text' in the header \(columns: body, label\)"),

@@ -136,3 +136,78 @@ def test_every_backbone_trains_with_every_objective(tiny, tmp_path, backbone, ob
 
         texts = ["".join(generate(run, "In the beginning", max_new_tokens=8, temperature=0.0)) for _ in range(2)]
         assert texts[0] == texts[1]  # greedy through the backbone's own cache: same text every time
+
+
+def saved_checkpoints(monkeypatch):
+    """Record (file name, step) of every checkpoint the loop writes."""
+    import llmcli.checkpoint as ck
+
+    seen, real = [], ck.save_checkpoint
+
+    def spy(path, model, optimizer, scheduler, meta):
+        seen.append((path.name, meta["step"]))
+        real(path, model, optimizer, scheduler, meta)
+
+    monkeypatch.setattr(ck, "save_checkpoint", spy)
+    return seen
+
+
+def test_checkpoint_every_sets_the_cadence_apart_from_eval(tiny, tmp_path, monkeypatch):
+    seen = saved_checkpoints(monkeypatch)
+    train(tiny("train.checkpoint_every=3"), runs_dir=tmp_path, **QUIET)
+    last = [s for name, s in seen if name == "last.safetensors"]
+    assert last == [0, 3, 6, 9, 10, 12, 15, 18, 20]  # step 0, every 3rd, and the eval steps 10 and 20
+
+
+def nan_at(monkeypatch, call: int):
+    """Make the training loss NaN on the `call`-th forward pass (1-based)."""
+    from llmcli.models.model import TwoHeadModel
+
+    real, calls = TwoHeadModel.losses, [0]
+
+    def losses(self, batch, task_loss):
+        out = real(self, batch, task_loss)
+        calls[0] += 1
+        if calls[0] == call:
+            out["lm_loss"] = out["lm_loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(TwoHeadModel, "losses", losses)
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    from llmcli.errors import RunFailed
+
+    nan_at(monkeypatch, 7)
+    with pytest.raises(RunFailed, match=r"NaN/Inf at step 7 .*last good checkpoint \(step 5\)"):
+        train(tiny("train.checkpoint_every=5"), runs_dir=tmp_path, **QUIET)
+    run = next(tmp_path.iterdir())
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "failed" and "step 7" in meta["error"]
+    assert json.loads((run / "checkpoints" / "last.json").read_text())["step"] == 5
+
+
+def test_a_real_divergence_is_caught(tiny, tmp_path):
+    from llmcli.errors import RunFailed
+
+    with pytest.raises(RunFailed, match=r"at step \d+ \(lm_loss=nan"):
+        train(tiny("optim.lr=1e8", "train.grad_clip=null"), runs_dir=tmp_path, **QUIET)
+    assert json.loads((next(tmp_path.iterdir()) / "meta.json").read_text())["status"] == "failed"
+
+
+def test_skip_batch_drops_the_nan_update_and_finishes(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    nan_at(monkeypatch, 7)
+    run = train(tiny("train.on_nan=skip_batch"), runs_dir=tmp_path, **QUIET)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "completed" and meta["skipped_batches"] == [7]
+    weights = load_file(run / "checkpoints" / "last.safetensors")
+    assert all(t.isfinite().all() for k, t in weights.items() if k.startswith("model."))
+    recs = [r for r in metric_values(run) if r["split"] == "train"]
+    assert [r["step"] for r in recs] == [5, 10, 15, 20] and all(r["lm_loss"] == r["lm_loss"] for r in recs)
+
+
+def test_resuming_a_completed_run_is_refused(tiny_run):
+    with pytest.raises(UserError, match="already completed all 20 steps"):
+        train(None, resume=tiny_run, **QUIET)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmcli.errors import UserError
+
 
 @dataclass
 class Batch:
@@ -31,6 +33,13 @@ class ProcessedData:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        try:
+            self._open()
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError covers bad JSON and bad .npy
+            raise UserError(f"{self.path}: processed data is damaged ({type(exc).__name__}: {exc}); "
+                            "delete this folder and run llmcli preprocess again") from None
+
+    def _open(self) -> None:
         self.manifest: dict[str, Any] = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
         self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.uint16, mode="r")
         self.offsets = np.load(self.path / "offsets.npy")

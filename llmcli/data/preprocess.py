@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import threading
 import time
 import unicodedata
 from array import array
@@ -83,22 +84,38 @@ def preprocess(data_cfg: Any, *, log: Any = print, tokenizer_path: Path | None =
     if (out / "manifest.json").is_file():
         log(f"preprocess: {out} is up to date, nothing to do")
         return out
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on bad data
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"data.processed_dir: cannot create {out.parent} ({exc.strerror})") from None
-    with FileLock(str(out) + ".lock"):
-        if (out / "manifest.json").is_file():  # another process built it while we waited
-            log(f"preprocess: {out} is up to date, nothing to do")
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            _build(data_cfg, tmp, out.name, log, tokenizer_path)
-            if out.exists():  # a stale, manifest-less folder from a crash before this lock existed
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    lock = Path(str(out) + ".lock")
+    try:
+        with FileLock(str(lock)):
+            if (out / "manifest.json").is_file():  # another process built it while we waited
+                log(f"preprocess: {out} is up to date, nothing to do")
+                return out
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            except OSError as exc:
+                raise UserError(f"data.processed_dir: cannot write in {out.parent} ({exc.strerror})") from None
+            try:
+                _build(data_cfg, tmp, out.name, log, tokenizer_path)
+                if out.exists():  # a stale, manifest-less folder from a crash before this lock existed
+                    shutil.rmtree(out)
+                tmp.rename(out)
+            except OSError as exc:
+                raise UserError(f"data.processed_dir: writing {out} failed ({exc.strerror or exc})") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except UserError:  # bad data or config: leave nothing behind
+        lock.unlink(missing_ok=True)
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     return out
 
 
@@ -312,16 +329,23 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any, tokenizer_path: Pat
     t0 = time.perf_counter()
     sources = [registry("source").build(s) for s in source_configs(data_cfg)]
     scan = Scan(data_cfg, sources)
-    log(f"preprocess: scanning {len(sources)} source(s) and training the {data_cfg.tokenizer.name} tokenizer ...")
-    texts = scan.train_texts()
-    if tokenizer_path is not None:  # a run's own tokenizer: nothing to train
-        from llmcli.data.tokenizers import TextTokenizer
+    # Said only if the scan takes a while: bad data found at once stays a one-line error.
+    notice = threading.Timer(2.0, log, args=(f"preprocess: scanning {len(sources)} source(s) and training the "
+                                              f"{data_cfg.tokenizer.name} tokenizer ...",))
+    notice.daemon = True
+    notice.start()
+    try:
+        texts = scan.train_texts()
+        if tokenizer_path is not None:  # a run's own tokenizer: nothing to train
+            from llmcli.data.tokenizers import TextTokenizer
 
-        tok = TextTokenizer.load(tokenizer_path)
-    else:
-        tok = registry("tokenizer").build(data_cfg.tokenizer, texts=texts)
-    for _ in texts:  # finish the scan if the tokenizer did not read everything (byte reads nothing)
-        pass
+            tok = TextTokenizer.load(tokenizer_path)
+        else:
+            tok = registry("tokenizer").build(data_cfg.tokenizer, texts=texts)
+        for _ in texts:  # finish the scan if the tokenizer did not read everything (byte reads nothing)
+            pass
+    finally:
+        notice.cancel()
     domains, train_domains = _check_scan(scan, tok)
     arr = scan.arrays()
     keep, evidence = _leakage(scan, arr)

@@ -16,6 +16,8 @@ from typing import Any
 from llmcli.errors import UserError
 
 Label = str | int | None
+# Integer labels are class ids; the classifier gets max id + 1 outputs, so a stray huge id must not pass.
+MAX_CLASS_ID = 100_000
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,11 @@ def _native_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
     if label is None or isinstance(label, str):
         return label
     if isinstance(label, int) and not isinstance(label, bool):
-        if label < 0:
-            raise UserError(f"{where}: label {label} is negative (integer labels are class ids 0, 1, ...)")
+        if not 0 <= label < MAX_CLASS_ID:
+            raise UserError(f"{where}: an integer {cfg.label_field!r} is a class id in [0, {MAX_CLASS_ID}), got {label}")
         return label
-    raise UserError(f"{where}: label {label!r} is a {type(label).__name__}; allowed: a string, an integer or null")
+    raise UserError(f"{where}: {cfg.label_field!r} must be a string, an integer or null, "
+                    f"got a {type(label).__name__} ({label!r})")
 
 
 def _jsonl_rows(cfg: Any, path: Path) -> Iterator[Record]:

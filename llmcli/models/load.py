@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
+from llmcli.io import read_json_object
 
 
 @dataclass
@@ -34,7 +34,7 @@ def load_trained(run_dir: Path, which: str = "best") -> Trained:
     for name in ("tokenizer.json", "data_manifest.json"):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir}: run folder is incomplete (no {name})")
-    manifest = json.loads((run_dir / "data_manifest.json").read_text(encoding="utf-8"))
+    manifest = read_json_object(run_dir / "data_manifest.json", "data manifest", ("vocab_size", "label_names"))
     path = run_dir / "checkpoints" / f"{which}.safetensors"
     if not path.is_file():
         raise UserError(f"{run_dir}: no {which} checkpoint (checkpoints/{which}.safetensors); has it trained?")
@@ -52,4 +52,8 @@ def load_trained(run_dir: Path, which: str = "best") -> Trained:
     else:
         restore_model(model, tensors, path)
     model.eval()
-    return Trained(cfg, model, TextTokenizer.load(run_dir / "tokenizer.json"), manifest, side)
+    try:
+        tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
+    except Exception as exc:  # the tokenizers library raises a bare Exception on a malformed file
+        raise UserError(f"{run_dir / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
+    return Trained(cfg, model, tokenizer, manifest, side)

@@ -1,0 +1,101 @@
+"""Run folders: unique names under races, and one clear error when they cannot be written."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from llmcli.cli import app
+from llmcli.errors import UserError
+from llmcli.runs import create_run_dir
+
+from .conftest import TINY
+
+
+def test_two_runs_in_the_same_second_get_distinct_folders(tmp_path, monkeypatch):
+    import llmcli.runs as runs
+
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20260101-000000")
+    names = iter(["beef", "beef", "cafe"])  # the second run draws the first one's suffix, then a fresh one
+    monkeypatch.setattr(runs.secrets, "token_hex", lambda n: next(names))
+    a, b = create_run_dir(tmp_path, "x"), create_run_dir(tmp_path, "x")
+    assert (a.name, b.name) == ("20260101-000000-x-beef", "20260101-000000-x-cafe")
+
+
+def test_many_runs_started_at_once_never_share_a_folder(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: create_run_dir(tmp_path, "x"), range(64)))
+    assert len(set(dirs)) == 64
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions, so chmod cannot make runs/ read-only")
+def test_a_read_only_runs_folder_is_one_clear_error(tmp_path, processed_dir):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o555)
+    try:
+        out = CliRunner().invoke(app, ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+                                       "--runs-dir", str(runs), "--no-progress"])
+    finally:
+        runs.chmod(0o755)
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {runs}: cannot create a run folder here")
+    assert list(runs.iterdir()) == []
+
+
+def test_a_permission_error_on_the_runs_folder_is_one_clear_error(tmp_path, processed_dir, monkeypatch):
+    """What a read-only runs/ does, simulated so that it also runs as root (where chmod has no effect)."""
+    import llmcli.runs as runs_module
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    real = runs_module.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.parent == runs:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module.Path, "mkdir", mkdir)
+    out = CliRunner().invoke(app, ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+                                   "--runs-dir", str(runs), "--no-progress"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.stderr.strip().splitlines()[-1] == f"error: {runs}: cannot create a run folder here (Permission denied)"
+    assert list(runs.iterdir()) == []
+
+
+def test_a_runs_folder_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "runs").write_text("")
+    with pytest.raises(UserError, match="cannot create the runs folder"):
+        create_run_dir(tmp_path / "runs" / "sub", "x")
+
+
+@pytest.mark.parametrize("fail_after", [0, 12])  # at the first write (config.yaml), and in mid-training
+def test_a_full_disk_is_one_clear_error(tmp_path, tiny, processed_dir, monkeypatch, fail_after):
+    import llmcli.io as io
+    from llmcli.data.preprocess import preprocess
+
+    preprocess(tiny().data, log=lambda m: None)  # the data cache is ready; the disk fills up afterwards
+
+    real, calls = io.os.fsync, [0]
+
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] > fail_after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    runs = tmp_path / "runs"
+    out = CliRunner().invoke(app, ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+                                   "--runs-dir", str(runs), "--no-progress"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "write failed (No space left on device)" in errors[0]
+    if fail_after == 0:
+        assert list(runs.iterdir()) == []  # a run that could not start leaves no folder
