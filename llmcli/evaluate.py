@@ -46,20 +46,30 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
             idx = idx[: cfg.eval.max_examples]
         if len(idx):
             per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss)
+    ind = [d for d in data.train_domains if d not in cfg.train.exclude_domains]
     result = {
         "run": str(run_dir),
         "split": split,
         "checkpoint": checkpoint or _default_checkpoint(run_dir),
         "step": t.checkpoint["step"],
-        "in_domain": data.train_domains,
-        "out_of_domain": [d for d in per_domain if d not in data.train_domains],
+        **selection(cfg, checkpoint or _default_checkpoint(run_dir)),
+        "in_domain": ind,
+        "out_of_domain": [d for d in per_domain if d not in ind],
+        # held out entirely (--test-domains / data.split.holdout_domains): never trained on, never validated on
+        "held_out": [d for d in per_domain if d in data.manifest.get("holdout_domains", [])],
         "domains": per_domain,
-        "gap": gaps(per_domain, data.train_domains),
+        "gap": gaps(per_domain, ind),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (run_dir / "eval").mkdir(exist_ok=True)
     atomic_write_json(run_dir / "eval" / f"{split}.json", result)
     return result
+
+
+def selection(cfg: Any, checkpoint: str) -> dict[str, Any]:
+    """How the evaluated checkpoint was chosen: train.select_by for `best`; `oracle` is an upper bound."""
+    select_by = cfg.train.select_by if checkpoint == "best" else "last step"
+    return {"select_by": select_by, "upper_bound": select_by == "oracle"}
 
 
 def _default_checkpoint(run_dir: Path) -> str:
@@ -70,8 +80,10 @@ def render_table(result: dict[str, Any]) -> Any:
     """A rich table: one row per domain, the gap to the in-domain score beside acc."""
     from rich.table import Table
 
+    chosen = result.get("select_by", "train_domain_val")
+    chosen += " - an upper bound, not a headline" if result.get("upper_bound") else ""
     table = Table(title=f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
-                        f"step {result['step']}]")
+                        f"step {result['step']}, selected by {chosen}]")
     cols = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "gap_acc")
     table.add_column("domain")
     for c in cols:
@@ -79,6 +91,7 @@ def render_table(result: dict[str, Any]) -> Any:
     for d, m in result["domains"].items():
         gap = result["gap"].get(d, {}).get("gap_acc")
         name = f"{d} (in-domain)" if d in result["in_domain"] else d
+        name += " (held out)" if d in result.get("held_out", []) else ""
         cells = [_fmt(m.get(c)) for c in cols[:-1]] + [_fmt(gap)]
         table.add_row(name, *cells)
     if "mean" in result["gap"]:

@@ -83,10 +83,12 @@ class Session:
         return score(self.model, self.data, idx, n, self.task_loss, self.device)
 
     def _select_domains(self) -> list[str]:
-        """Domains whose validation score picks `best`: the train domains, or for `oracle` the unseen ones."""
+        """Domains whose validation score picks `best`: the train domains, or for `oracle` the test domains."""
         if self.cfg.train.select_by != "oracle":
             return self.train_domains
         unseen = [d for d in self.data.domains if d not in self.train_domains + self.data.lm_only_domains]
+        held = [d for d in unseen if d in self.data.manifest.get("holdout_domains", [])]
+        unseen = held or unseen  # the test domains when some are held out, else every domain not trained on
         if not unseen:
             raise UserError("train.select_by: 'oracle' needs a domain that is not trained on (set --test-domains)")
         for d in unseen:  # a held-out domain has no val split: the oracle peeks at (a subset of) its test split
