@@ -38,16 +38,21 @@ def held_out_scores(run_dir: Path, domain: str, objective: Any) -> dict[int, flo
     return out
 
 
-def select_leave_one_domain_out(run_dir: Path, cfg: Any, train_domains: list[str], objective: Any,
-                                log: Any = print) -> int:
-    """Train the K leave-one-out runs under RUN/lodo/, copy the chosen step's checkpoint to best; return the step."""
-    from llmcli.train import train
-
+def check_domains(cfg: Any, train_domains: list[str]) -> None:
+    """Enough train domains for the auxiliary runs (checked before the main run trains)."""
     if len(train_domains) < 2:
         raise UserError("train.select_by: 'leave_one_domain_out' needs at least two data.train_domains")
     if cfg.dg.name != "erm" and len(train_domains) < 3:
         raise UserError(f"train.select_by: 'leave_one_domain_out' with dg {cfg.dg.name!r} needs at least three "
                         "data.train_domains (each auxiliary run keeps two)")
+
+
+def select_leave_one_domain_out(run_dir: Path, cfg: Any, train_domains: list[str], objective: Any,
+                                log: Any = print) -> int:
+    """Train the K leave-one-out runs under RUN/lodo/, copy the chosen step's checkpoint to best; return the step."""
+    from llmcli.train import train
+
+    check_domains(cfg, train_domains)
     per_domain = []
     for d in train_domains:
         aux_dir = run_dir / "lodo" / d

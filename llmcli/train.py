@@ -133,6 +133,10 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
         if not (run_dir / "checkpoints" / "last.safetensors").is_file():
             raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
     sess = Session(cfg, log, resuming=resume is not None)
+    if cfg.train.select_by == "leave_one_domain_out":
+        from llmcli.selection import check_domains
+
+        check_domains(cfg, sess.train_domains)
     if resume is None:
         run_dir = create_run_dir(Path(runs_dir), cfg.name) if run_dir is None else Path(run_dir)
         _start_run(run_dir, cfg, sess)

@@ -89,6 +89,12 @@ def test_leave_one_domain_out_selection_picks_the_step_best_on_unseen_train_doma
     assert evaluate(run, log=lambda m: None)["select_by"] == "leave_one_domain_out"
 
 
+def test_leave_one_domain_out_selection_needs_two_train_domains_before_training(tiny, tmp_path):
+    with pytest.raises(UserError, match="train.select_by: 'leave_one_domain_out' needs at least two"):
+        train(tiny("train.select_by=leave_one_domain_out"), runs_dir=tmp_path, **QUIET)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
 def test_leave_one_out_writes_the_method_by_held_out_domain_table(tiny, tmp_path):
     cfg = tiny("train.steps=6", "train.eval_every=6", "train.log_every=3")
     out = leave_one_out(cfg, ["erm", "coral"], out_dir=tmp_path / "loo", log=lambda m: None)
