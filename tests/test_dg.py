@@ -139,3 +139,18 @@ def test_dann_classifies_lm_only_target_text_too(tiny, tmp_path):
     sess = Session(tiny(*TWO, "dg.name=dann", "data.lm_only_domains=[wyc]"), log=lambda m: None)
     assert sess.dg.classifier[-1].out_features == 3  # kjv, web and the unlabeled wyc text
     assert any(p is sess.dg.parameters()[0] for g in sess.optimizer.param_groups for p in g["params"])
+
+
+def test_balanced_sampler_gives_each_train_domain_an_equal_share(tiny):
+    import numpy as np
+
+    from llmcli.train import Session, _batch_indices
+
+    sess = Session(tiny(*TWO), log=lambda m: None)
+    for step in range(3):
+        idx = _batch_indices(sess, step)
+        names = [sess.data.domains[i] for i in sess.data.domain_ids[idx]]
+        assert names.count("kjv") == names.count("web") == 8
+    assert np.array_equal(_batch_indices(sess, 2), _batch_indices(sess, 2))  # a pure function of the step
+    pooled = Session(tiny("data.train_domains=[kjv,web]"), log=lambda m: None)
+    assert pooled.cfg.train.sampler == "proportional" and len(_batch_indices(pooled, 0)) == 16

@@ -39,6 +39,7 @@ def test_cli_bad_protocol_input_is_one_line_and_exit_2(processed_dir):
         (base + ["--set", "data.train_domains=[kjv]", "--set", "dg.name=group_dro"], "dg.name"),
         (base + ["--set", "data.train_domains=[kjv,xyz]", "--no-progress"], "data.train_domains"),
         (base + ["--loo", "--methods", "erm,nope"], "--methods"),
+        (base + ["--methods", "erm"], "--methods"),
         (["sweep-alpha", str(TINY), "--test-domains", "kjv"], "--test-domains"),
     ]
     for args, field in cases:
