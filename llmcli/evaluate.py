@@ -78,12 +78,14 @@ def _default_checkpoint(run_dir: Path) -> str:
 
 def render_table(result: dict[str, Any]) -> Any:
     """A rich table: one row per domain, the gap to the in-domain score beside acc."""
+    from rich.markup import escape
     from rich.table import Table
 
     chosen = result.get("select_by", "train_domain_val")
     chosen += " - an upper bound, not a headline" if result.get("upper_bound") else ""
-    table = Table(title=f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
-                        f"step {result['step']}, selected by {chosen}]")
+    # escaped: rich would read "[test split, ...]" as a markup tag and drop it
+    table = Table(title=escape(f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
+                               f"step {result['step']}, selected by {chosen}]"))
     cols = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "gap_acc")
     table.add_column("domain")
     for c in cols:

@@ -114,3 +114,17 @@ def test_leave_one_out_writes_the_method_by_held_out_domain_table(tiny, tmp_path
     before = (out / "erm" / "kjv" / "cell.json").stat().st_mtime_ns
     leave_one_out(cfg, ["erm", "coral"], out_dir=out, log=lambda m: None)  # a re-run keeps finished cells
     assert (out / "erm" / "kjv" / "cell.json").stat().st_mtime_ns == before
+
+
+def test_the_eval_table_states_how_best_was_selected():
+    from rich.console import Console
+
+    from llmcli.evaluate import render_table
+
+    result = {"run": "r", "split": "test", "checkpoint": "best", "step": 5, "select_by": "oracle",
+              "upper_bound": True, "in_domain": ["kjv"], "held_out": ["wyc"],
+              "domains": {"kjv": {"acc": 0.5}, "wyc": {"acc": 0.4}}, "gap": {"wyc": {"gap_acc": 0.1}}}
+    console = Console(width=200, record=True)
+    console.print(render_table(result))
+    text = console.export_text()
+    assert "selected by oracle - an upper bound, not a headline" in text and "wyc (held out)" in text
