@@ -89,10 +89,18 @@ def _with_file(msg: str, config: str | None) -> str:
     return f"{config}: {msg}" if config and is_field_message(msg) else msg
 
 
-def _config(path: str, overrides: list[str]) -> Any:
+def _config(path: str, overrides: list[str], test_domains: str | None = None) -> Any:
     from llmcli.config import load_config
 
-    return load_config(Path(path), overrides)
+    cfg = load_config(Path(path), overrides)
+    if test_domains is None:
+        return cfg
+    from llmcli.loo import hold_out, parse_list
+
+    return hold_out(cfg, parse_list(test_domains, "--test-domains"))
+
+
+TEST_DOMAINS_HELP = "Hold these domains out entirely (test only, never trained or validated on): wyc,ylt"
 
 
 @app.command()
@@ -120,6 +128,12 @@ def train(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where run folders are created."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    test_domains: Optional[str] = typer.Option(None, "--test-domains", help=TEST_DOMAINS_HELP),
+    loo: bool = typer.Option(False, "--loo", help="Leave-one-domain-out: one run per (method, held-out domain); "
+                             "writes loo.csv and loo.md."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="With --loo: DG methods compared, e.g. "
+                                          "erm,group_dro,coral (default: the config's dg)."),
+    loo_dir: Optional[str] = typer.Option(None, "--loo-dir", help="With --loo: write here (finished cells are kept)."),
 ) -> None:
     """Train a model; writes runs/<YYYYmmdd-HHMMSS>-<name>-<hex>/ and prints its path."""
 
@@ -129,9 +143,23 @@ def train(
 
         if resume is None and config is None:
             raise UserError("train: give a CONFIG, or --resume RUN_DIR")
-        if resume is not None and (config is not None or set_):
-            raise UserError("train: --resume continues a run with its own saved config; drop CONFIG and --set")
-        cfg = _config(config, set_) if config else None
+        if resume is not None and (config is not None or set_ or test_domains or loo):
+            raise UserError("train: --resume continues a run with its own saved config; drop CONFIG, --set, "
+                            "--test-domains and --loo")
+        if not loo and (methods or loo_dir):
+            raise UserError("train: --methods and --loo-dir go with --loo")
+        if loo and test_domains:
+            raise UserError("train: --loo holds out each domain in turn; drop --test-domains")
+        cfg = _config(config, set_, test_domains) if config else None
+        if loo:
+            from llmcli.loo import leave_one_out, parse_list
+
+            names = parse_list(methods, "--methods") if methods else [cfg.dg.name]
+            out = leave_one_out(cfg, names, runs_dir=runs_dir, out_dir=Path(loo_dir) if loo_dir else None,
+                                progress=progress, log=_log)
+            typer.echo((out / "loo.md").read_text(encoding="utf-8"), err=True)
+            typer.echo(out)
+            return
         typer.echo(run(cfg, runs_dir=runs_dir, resume=resume, progress=progress, log=_log))
 
     _guard(body, config or (resume and str(Path(resume) / "config.yaml")))
@@ -271,6 +299,7 @@ def sweep_alpha(
     resume: Optional[str] = typer.Option(None, "--resume", help="Finish this sweep: re-run missing or failed points."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the sweep folder is created."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    test_domains: Optional[str] = typer.Option(None, "--test-domains", help=TEST_DOMAINS_HELP),
 ) -> None:
     """Map the L-vs-T trade-off: one run per alpha (or one conditioned run); results.csv, pareto.png, summary.md."""
 
@@ -286,9 +315,10 @@ def sweep_alpha(
         seed_list = parse_seeds(seeds) if seeds is not None else None
         if workers is not None and workers < 1:
             raise UserError(f"--workers: must be >= 1, got {workers}")
-        if resume is not None and (config is not None or set_ or grid or bgrid or seed_list or mode != "exact"):
+        if resume is not None and (config is not None or set_ or grid or bgrid or seed_list or mode != "exact"
+                                   or test_domains):
             raise UserError("sweep-alpha: --resume finishes a sweep with its own grid and config; drop the others")
-        cfg = _config(config, set_) if config else None
+        cfg = _config(config, set_, test_domains) if config else None
         try:
             out = run(cfg, grid, betas=bgrid, seeds=seed_list, workers=workers, mode=mode, backend=backend,
                       ray_address=ray_address, compare=compare, runs_dir=runs_dir, resume=resume,

@@ -298,6 +298,58 @@ class UncertaintyObjective(Strict):
     log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
 
+# ---------------------------------------------------------------- domain generalisation (the `dg:` section)
+
+
+class ERMConfig(Strict):
+    """Empirical risk minimisation: the task loss pooled over every labeled row (the default)."""
+
+    name: Literal["erm"] = "erm"
+
+
+class GroupDROConfig(Strict):
+    """GroupDRO (Sagawa et al. 2020): per-domain weights q <- q * exp(eta * loss_d), renormalised."""
+
+    name: Literal["group_dro"] = "group_dro"
+    eta: float = Field(0.01, gt=0.0, description="step size of the exponentiated-gradient update of the weights")
+
+
+class IRMConfig(Strict):
+    """IRMv1 (Arjovsky et al. 2019): mean per-domain loss + lambda * |grad of the loss wrt a dummy scale|^2."""
+
+    name: Literal["irm"] = "irm"
+    penalty_weight: float = Field(100.0, ge=0.0, description="lambda once the warm-up is over")
+    anneal_steps: int = Field(100, ge=0, description="steps with lambda = 1 before penalty_weight applies")
+
+
+class CORALConfig(Strict):
+    """Deep CORAL (Sun & Saenko 2016): pooled-feature mean and covariance aligned between domain pairs."""
+
+    name: Literal["coral"] = "coral"
+    weight: float = Field(1.0, ge=0.0, description="weight of the alignment penalty")
+
+
+class MLDGConfig(Strict):
+    """MLDG (Li et al. 2018): meta-train on all but one train domain, meta-test on it after one inner step."""
+
+    name: Literal["mldg"] = "mldg"
+    inner_lr: float = Field(0.01, gt=0.0, description="step size of the virtual meta-train update")
+    beta: float = Field(1.0, ge=0.0, description="weight of the meta-test loss")
+
+
+class DANNConfig(Strict):
+    """DANN (Ganin et al. 2016): a domain classifier on pooled features through a gradient-reversal layer.
+
+    It classifies every domain in the training stream: the train domains and the unlabeled target text of
+    data.lm_only_domains.
+    """
+
+    name: Literal["dann"] = "dann"
+    weight: float = Field(0.1, ge=0.0, description="weight of the domain-classification loss")
+    reversal: float = Field(1.0, ge=0.0, description="scale of the reversed gradient reaching the features")
+    hidden: int = Field(64, ge=1, description="width of the domain classifier's hidden layer")
+
+
 # ---------------------------------------------------------------- optimisers and schedules
 
 
@@ -381,6 +433,13 @@ class TrainConfig(Strict):
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size summed into one optimiser step")
     init_from: str | None = Field(None, description="run folder whose backbone + LM head weights start this run")
     freeze: list[str] = Field(default_factory=list, description="parts not trained: embedding, backbone, lm_head, cls_head")
+    sampler: Literal["proportional", "balanced"] = Field(
+        "proportional", description="batches drawn from the pooled train domains, or in equal shares per domain")
+    select_by: Literal["train_domain_val", "leave_one_domain_out", "oracle"] = Field(
+        "train_domain_val", description="what picks the `best` checkpoint: train domains' val, leave-one-domain-out "
+        "runs, or the out-of-domain data itself (oracle: an upper bound, never the headline)")
+    exclude_domains: list[str] = Field(
+        default_factory=list, description="train domains left out of training (set by leave-one-domain-out selection)")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores")
 
@@ -456,6 +515,16 @@ class ExperimentBase(Strict):
             raise ValueError(f"model.block_size: {block} is shorter than data.max_len ({max_len})")
         return self
 
+    @model_validator(mode="after")
+    def _dg_needs_domains(self) -> ExperimentBase:
+        dg, data = getattr(self, "dg", None), getattr(self, "data", None)
+        if dg is None or data is None or dg.name == "erm":
+            return self
+        n = len(data.train_domains or [None]) - len(self.train.exclude_domains)  # null = the first domain only
+        if n < 2:
+            raise ValueError(f"dg.name: {dg.name!r} needs at least two data.train_domains (given: {data.train_domains})")
+        return self
+
 
 # ---------------------------------------------------------------- built-in components
 
@@ -489,6 +558,14 @@ _BUILTINS: dict[str, list[tuple[type, str]]] = {
         (UncertaintyObjective, "llmcli.objectives:build_uncertainty"),
         (ConditionedObjective, "llmcli.conditioned:build_conditioned"),
     ],
+    "dg": [
+        (ERMConfig, "llmcli.dg:build_erm"),
+        (GroupDROConfig, "llmcli.dg:build_group_dro"),
+        (IRMConfig, "llmcli.dg:build_irm"),
+        (CORALConfig, "llmcli.dg:build_coral"),
+        (MLDGConfig, "llmcli.dg:build_mldg"),
+        (DANNConfig, "llmcli.dg:build_dann"),
+    ],
     "optimizer": [
         (AdamWConfig, "llmcli.optim:build_adamw"),
         (AdamConfig, "llmcli.optim:build_adam"),
@@ -511,6 +588,7 @@ COMPONENT_FIELDS = {
     "model": "model",
     "task_loss": "task_loss",
     "objective": "objective",
+    "dg": "dg",
     "optim": "optimizer",
     "schedule": "schedule",
 }
@@ -546,6 +624,7 @@ def experiment_model() -> type[BaseModel]:
         model=(_union("model"), _default("model", "gpt")),
         task_loss=(_union("task_loss"), _default("task_loss", "cross_entropy")),
         objective=(_union("objective"), _default("objective", "weighted")),
+        dg=(_union("dg"), _default("dg", "erm")),
         optim=(_union("optimizer"), _default("optimizer", "adamw")),
         schedule=(_union("schedule"), _default("schedule", "cosine")),
         train=(TrainConfig, Field(default_factory=TrainConfig)),
@@ -685,8 +764,7 @@ def format_error(source: str, data: dict[str, Any], err: ValidationError) -> str
     else:
         text = e["msg"].removeprefix("Value error, ")
         msg = f"{path}: {text} (given: {given!r})" if not isinstance(given, dict) else f"{path}: {text}"
-        if not path:  # a check across sections names its fields itself
-            msg = text
+        msg = msg if path else text  # a whole-config check names its fields itself
     more = len(err.errors()) - 1
     msg = msg.replace("\n", "\\n")  # one line, whatever the input held
     return f"{source}: {msg}" + (f" [and {more} more error{'s' * (more > 1)}]" if more else "")

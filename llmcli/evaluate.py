@@ -57,8 +57,8 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
             details[d] = {}
             per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss, details=details[d])
     seconds = time.perf_counter() - t0
-    # in-domain = what the run trained on, also when scoring another config's data
-    in_dom = [d for d in t.manifest["train_domains"] if d in per_domain]
+    # in-domain = what the run trained on (less excluded domains), also when scoring another config's data
+    in_dom = [d for d in t.manifest["train_domains"] if d in per_domain and d not in cfg.train.exclude_domains]
     labeled = {d: x for d, x in details.items() if "golds" in x}
     result = {
         "run": str(run_dir),
@@ -66,8 +66,11 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
         "data": str(data_config) if data_config else "run",
         "checkpoint": which,
         "step": t.checkpoint["step"],
+        **selection(cfg, which),
         "in_domain": in_dom,
         "out_of_domain": [d for d in per_domain if d not in in_dom],
+        # held out entirely (--test-domains / data.split.holdout_domains): never trained on, never validated on
+        "held_out": [d for d in per_domain if d in data.manifest.get("holdout_domains", [])],
         "label_names": data.label_names,
         "domains": per_domain,
         "gap": gaps(per_domain, in_dom) if in_dom else {},  # no in-domain data: nothing to measure a gap from
@@ -157,6 +160,12 @@ def sanity_warnings(split: str, per_domain: dict[str, dict[str, float]], labeled
     return out
 
 
+def selection(cfg: Any, checkpoint: str) -> dict[str, Any]:
+    """How the evaluated checkpoint was chosen: train.select_by for `best`; `oracle` is an upper bound."""
+    select_by = cfg.train.select_by if checkpoint == "best" else "last step"
+    return {"select_by": select_by, "upper_bound": select_by == "oracle"}
+
+
 def _default_checkpoint(run_dir: Path) -> str:
     return "best" if (run_dir / "checkpoints" / "best.safetensors").is_file() else "last"
 
@@ -166,16 +175,21 @@ TABLE_COLS = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "mac
 
 def render_table(result: dict[str, Any]) -> Any:
     """A rich table: one row per domain, the gap to the in-domain score beside acc."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
-                        f"step {result['step']}]")
+    chosen = result.get("select_by", "train_domain_val")
+    chosen += " - an upper bound, not a headline" if result.get("upper_bound") else ""
+    # escaped: rich would read "[test split, ...]" as a markup tag and drop it
+    table = Table(title=escape(f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
+                               f"step {result['step']}, selected by {chosen}]"))
     table.add_column("domain")
     for c in (*TABLE_COLS, "gap_acc"):
         table.add_column(c, justify="right")
     for d, m in result["domains"].items():
         gap = result["gap"].get(d, {}).get("gap_acc")
         name = f"{d} (in-domain)" if d in result["in_domain"] else d
+        name += " (held out)" if d in result.get("held_out", []) else ""
         table.add_row(name, *[_fmt(m.get(c)) for c in TABLE_COLS], _fmt(gap))
     if "mean" in result["gap"]:
         mean = result["gap"]["mean"]

@@ -59,7 +59,7 @@ class Registry:
 
 REGISTRIES: dict[str, Registry] = {
     kind: Registry(kind)
-    for kind in ("source", "tokenizer", "model", "task_loss", "objective", "optimizer", "schedule")
+    for kind in ("source", "tokenizer", "model", "task_loss", "objective", "dg", "optimizer", "schedule")
 }
 _plugins_loaded = False
 

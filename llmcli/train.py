@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from llmcli.errors import Interrupted, RunFailed, UserError
-from llmcli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json_object
+from llmcli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, read_json_object
 from llmcli.runs import create_run_dir, kept_metrics, load_run_config, new_meta, truncate_metrics, update_meta
 
 # metrics.jsonl keys that measure the machine, not the model: excluded from reproducibility checks.
@@ -42,14 +42,22 @@ class Session:
         n_classes = len(self.data.label_names)
         self.model = build_model(cfg.model, vocab_size=self.data.manifest["vocab_size"], n_classes=n_classes,
                                  max_len=cfg.data.max_len).to(self.device)
-        self.train_idx = self.data.indices("train", self.data.train_domains + self.data.lm_only_domains)
+        self.train_domains = _trained_domains(cfg, self.data)
+        stream = self.train_domains + self.data.lm_only_domains
+        self.train_idx = self.data.indices("train", stream)
+        # per-domain slices of train_idx, for the balanced sampler
+        self.domain_idx = [self.train_idx[self.data.domain_ids[self.train_idx] == self.data.domains.index(d)]
+                           for d in stream]
         counts = class_counts(self.data.labels[self.train_idx], n_classes)
         self.task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
         self.objective = registry("objective").build(cfg.objective)
+        self.dg = registry("dg").build(cfg.dg, domains=[self.data.domains.index(d) for d in self.train_domains],
+                                       names=self.train_domains, d_model=self.model.cls_head.in_features,
+                                       stream_domains=[self.data.domains.index(d) for d in stream])
         if hasattr(self.objective, "wrap_model"):  # objectives that add layers (conditioned) do it before the optimiser
             self.objective.wrap_model(self.model)
         apply_transfer(self.model, cfg.train, self.data, load=not resuming)  # a resume loads its own checkpoint
-        own = list(self.objective.parameters())  # e.g. learned log-variances: trained, never decayed
+        own = list(self.objective.parameters()) + list(self.dg.parameters())  # e.g. learned log-variances
         for p in own:
             p.data = p.data.to(self.device)
         decay, no_decay = self.model.decay_groups()
@@ -57,6 +65,7 @@ class Session:
         self.scheduler = registry("schedule").build(cfg.schedule, optimizer=self.optimizer,
                                                     total_steps=cfg.train.steps)
         self.val_idx = {d: self._val_subset(d) for d in self.data.domains}
+        self.select_domains = self._select_domains()
         if hasattr(self.objective, "set_probe"):
             self.objective.set_probe(self.probe)
 
@@ -65,7 +74,7 @@ class Session:
         from llmcli.data.dataset import epoch_stream
         from llmcli.metrics import score
 
-        pool = np.concatenate([self.val_idx[d] for d in self.data.train_domains])
+        pool = np.concatenate([self.val_idx[d] for d in self.train_domains])
         pool = pool[self.data.labels[pool] >= 0]
         if not len(pool):
             raise UserError("objective: the held-out probe needs labeled in-domain validation records (data.split.val)")
@@ -73,8 +82,22 @@ class Session:
         idx = pool[epoch_stream(len(pool), self.cfg.seed, step * n, n)]
         return score(self.model, self.data, idx, n, self.task_loss, self.device)
 
-    def _val_subset(self, domain: str) -> np.ndarray:
-        idx = self.data.indices("val", [domain])
+    def _select_domains(self) -> list[str]:
+        """Domains whose validation score picks `best`: the train domains, or for `oracle` the test domains."""
+        if self.cfg.train.select_by != "oracle":
+            return self.train_domains
+        unseen = [d for d in self.data.domains if d not in self.train_domains + self.data.lm_only_domains]
+        held = [d for d in unseen if d in self.data.manifest.get("holdout_domains", [])]
+        unseen = held or unseen  # the test domains when some are held out, else every domain not trained on
+        if not unseen:
+            raise UserError("train.select_by: 'oracle' needs a domain that is not trained on (set --test-domains)")
+        for d in unseen:  # a held-out domain has no val split: the oracle peeks at (a subset of) its test split
+            if not len(self.val_idx[d]):
+                self.val_idx[d] = self._val_subset(d, "test")
+        return unseen
+
+    def _val_subset(self, domain: str, split: str = "val") -> np.ndarray:
+        idx = self.data.indices(split, [domain])
         cap = self.cfg.train.val_max_examples
         if cap and len(idx) > cap:
             idx = np.sort(np.random.default_rng(self.cfg.seed).choice(idx, cap, replace=False))
@@ -91,7 +114,7 @@ class Session:
             if len(idx):
                 m = score(self.model, self.data, idx, self.cfg.eval.batch_size, self.task_loss, self.device)
                 records.append({"step": step, "split": "val", "domain": d, **m})
-        ind = [r for r in records if r["domain"] in self.data.train_domains]
+        ind = [r for r in records if r["domain"] in self.select_domains]
         if not ind:
             return records, float("nan")
         value = float(np.mean([self.objective.score(r["lm_loss"], r.get("task_loss", 0.0)) for r in ind]))
@@ -108,6 +131,10 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
         run_dir = Path(resume)
         cfg = _check_resumable(run_dir)
     sess = Session(cfg, log, resuming=resume is not None)
+    if cfg.train.select_by == "leave_one_domain_out":
+        from llmcli.selection import check_domains
+
+        check_domains(cfg, sess.train_domains)
     if resume is None:
         created = run_dir is None
         run_dir = create_run_dir(Path(runs_dir), cfg.name) if created else Path(run_dir)
@@ -121,7 +148,24 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
             if isinstance(exc, OSError):
                 raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
             raise
-    return _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
+    out = _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
+    done = read_json(out / "meta.json", "run meta")["status"] == "completed"
+    if cfg.train.select_by == "leave_one_domain_out" and done:
+        from llmcli.selection import select_leave_one_domain_out
+
+        select_leave_one_domain_out(out, cfg, sess.train_domains, sess.objective, log=log)
+    return out
+
+
+def _trained_domains(cfg: Any, data: Any) -> list[str]:
+    """The labeled train domains of this run: data.train_domains less train.exclude_domains."""
+    bad = [d for d in cfg.train.exclude_domains if d not in data.train_domains]
+    if bad:
+        raise UserError(f"train.exclude_domains: {bad} are not data.train_domains ({', '.join(data.train_domains)})")
+    kept = [d for d in data.train_domains if d not in cfg.train.exclude_domains]
+    if not kept:
+        raise UserError("train.exclude_domains: every train domain is excluded; nothing left to train on")
+    return kept
 
 
 def _check_resumable(run_dir: Path) -> Any:
@@ -165,6 +209,7 @@ def _resume_state(sess: Session, run_dir: Path) -> tuple[int, float, dict[str, A
     restore_model(sess.model, tensors, path)
     restore_training(sess.optimizer, sess.scheduler, tensors, side, path)
     sess.objective.load_state_dict(side.get("objective", {}))
+    sess.dg.load_state_dict(side.get("dg", {}))
     step = int(side["step"])
     truncate_metrics(run_dir / "metrics.jsonl", step)
     return step, float(side.get("best_score", float("inf"))), side
@@ -192,13 +237,16 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
     last_ckpt, skipped, consecutive_nan = step, [], 0
     tokens, t_window = 0, time.perf_counter()
 
-    def checkpoint(records: list[dict[str, Any]], is_best: bool) -> None:
+    def checkpoint(records: list[dict[str, Any]], is_best: bool, keep_step: bool = False) -> None:
         nonlocal last_ckpt
         side = {"step": step, "metrics": {r["domain"]: r for r in records}, "best_score": best,
-                "objective": sess.objective.state_dict(), "window": window, "last_cos": last_cos}
+                "objective": sess.objective.state_dict(), "dg": sess.dg.state_dict(), "window": window,
+                "last_cos": last_cos, "select_by": tc.select_by}
         ckpt = run_dir / "checkpoints"
         if is_best:
             save_checkpoint(ckpt / "best.safetensors", model, sess.optimizer, sess.scheduler, side)
+        if keep_step:  # leave_one_domain_out selection picks among these after the extra runs
+            save_checkpoint(ckpt / f"step-{step}.safetensors", model, sess.optimizer, sess.scheduler, side)
         save_checkpoint(ckpt / "last.safetensors", model, sess.optimizer, sess.scheduler, side)
         last_ckpt = step
 
@@ -255,13 +303,14 @@ def _loop(sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any
                     records, value = sess.validate(step)
                     for r in records:
                         append_jsonl(metrics, r)
-                    is_best = bool(value < best)
+                    lodo = tc.select_by == "leave_one_domain_out"  # best is chosen after the held-out-domain runs
+                    is_best = bool(value < best) and not lodo
                     append_jsonl(metrics, {"step": step, "split": "val", "domain": "in_domain", "objective": value,
-                                           "best": is_best})
+                                           "best": is_best, "select_by": tc.select_by})
                     best = min(best, value)
-                    checkpoint(records, is_best)
+                    checkpoint(records, is_best, keep_step=lodo)
                     saved = True
-                    ind = [r for r in records if r["domain"] in sess.data.train_domains]
+                    ind = [r for r in records if r["domain"] in sess.train_domains]
                     if ind:
                         msg = f"step {step}: val " + " ".join(
                             f"{r['domain']} acc={r.get('acc', float('nan')):.3f} ppl={r['ppl']:.1f}" for r in ind)
@@ -307,21 +356,23 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
     pure function of the step (exact resume). Returns mean lm_loss, task_loss, the objective's logs
     (means; grad_cosine from the first micro-batch) and the step's token count.
     """
-    from llmcli.data.dataset import epoch_stream
-
     cfg, tc = sess.cfg, sess.cfg.train
     k, lms, tasks, logs, n_tokens = tc.grad_accum_steps, [], [], {}, 0
     for j in range(k):
-        start = (step * k + j) * tc.batch_size
-        batch = sess.data.batch(sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, start, tc.batch_size)])
+        batch = sess.data.batch(_batch_indices(sess, step * k + j))
         if cfg.data.augment:  # train split only; a pure function of (seed, micro-step): resume stays exact
             from llmcli.data.augment import augment_batch
 
             batch = augment_batch(batch, cfg.data.augment, cfg.seed, step * k + j, sess.data.pad_id)
         if hasattr(sess.objective, "prepare"):  # e.g. the conditioned objective draws this batch's alpha
             sess.objective.prepare(sess.model, step)
-        out = sess.model.losses(_to(batch, sess.device), sess.task_loss)
-        micro = sess.objective.backward(out["lm_loss"], out["task_loss"], shared, step)
+        batch = _to(batch, sess.device)
+        out = sess.model.losses(batch, sess.task_loss)
+        # the DG method forms T from per-domain losses and features; metrics keep the plain pooled task_loss
+        dg_task, dg_logs = sess.dg.task_loss(sess.model, batch, out, sess.task_loss, step)
+        micro = {**sess.objective.backward(out["lm_loss"], dg_task, shared, step), **dg_logs}
+        if cfg.dg.name != "erm":
+            micro["dg_task_loss"] = float(dg_task.detach())
         lms.append(float(out["lm_loss"].detach()))
         tasks.append(float(out["task_loss"].detach()))
         for key, v in micro.items():
@@ -361,6 +412,18 @@ def _schedule_step(scheduler: Any) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         scheduler.step()
+
+
+def _batch_indices(sess: Session, micro_step: int) -> np.ndarray:
+    """Record indices of one micro-batch: a pure function of (seed, micro_step), so a resume continues exactly."""
+    from llmcli.data.dataset import balanced_stream, epoch_stream
+
+    cfg, bs = sess.cfg, sess.cfg.train.batch_size
+    if cfg.train.sampler == "balanced":  # equal shares per domain of the training stream
+        parts = [d for d in sess.domain_idx if len(d)]
+        pos = balanced_stream([len(d) for d in parts], cfg.seed, micro_step, bs)
+        return np.concatenate([d[p] for d, p in zip(parts, pos)])
+    return sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, micro_step * bs, bs)]
 
 
 def meta_params(run_dir: Path) -> str:

@@ -92,3 +92,21 @@ def epoch_stream(n: int, seed: int, start: int, count: int) -> np.ndarray:
         out[filled : filled + take] = perm[pos : pos + take]
         filled += take
     return out
+
+
+def balanced_stream(sizes: list[int], seed: int, micro_step: int, batch_size: int) -> list[np.ndarray]:
+    """Positions, within each group, of one micro-batch split equally between the groups (e.g. domains).
+
+    Group g gets batch_size // K rows, plus one of the remainder rows, which rotate with the micro-step; each
+    group reads its own endless epoch stream, so the positions are a pure function of (seed, micro_step).
+    """
+    k = len(sizes)
+    base, extra = divmod(batch_size, k)
+    out = []
+    for g, n in enumerate(sizes):
+        # rows group g received in micro-steps [0, micro_step): base each, +1 when (g - m) mod k < extra
+        full = micro_step // k
+        start = micro_step * base + full * extra + sum((g - m) % k < extra for m in range(full * k, micro_step))
+        count = base + int((g - micro_step) % k < extra)
+        out.append(epoch_stream(n, seed * 1_000_003 + g + 1, start, count) if count else np.empty(0, np.int64))
+    return out

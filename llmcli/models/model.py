@@ -48,11 +48,13 @@ class TwoHeadModel(nn.Module):
         """Mean LM loss over real target tokens, and the task loss over labeled rows."""
         h = self(batch.tokens)  # (B, T, D)
         nll, mask = self.lm_nll(h, batch.tokens, batch.lengths)
-        logits = self.cls_head(self.pool(h, batch.lengths))  # (B, C)
+        features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
+        logits = self.cls_head(features)  # (B, C)
         return {
             "lm_loss": nll.sum() / mask.sum().clamp(min=1),
             "task_loss": task_loss(logits, batch.labels),
             "logits": logits,
+            "features": features,
         }
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,302 @@
+"""Domain-generalisation methods: how the task loss T is formed from a batch drawn over several train domains.
+
+Interface (registry kind "dg", docs/generalisation.md): `task_loss(model, batch, out, loss_fn, step) ->
+(T, logs)` where `out` is `TwoHeadModel.losses(...)` (`task_loss`, `logits` (B, C), `features` (B, D)) and
+`loss_fn(logits, labels)` the run's task loss; T (a scalar tensor) goes to the objective beside L, so any DG
+method combines with any objective. `parameters()`, `state_dict()/load_state_dict()` as for objectives.
+Builders get `domains` (data indices of the labeled train domains), `names` (their names), `stream_domains`
+(data indices of every domain in the training stream, lm_only ones included) and `d_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Params = list[torch.Tensor]
+
+
+def per_domain(out: dict[str, Any], batch: Any, loss_fn: Any, domains: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+    """(position in `domains`, task loss over that domain's labeled rows) for each domain with labeled rows."""
+    res = []
+    for k, d in enumerate(domains):
+        rows = (batch.domains == d) & (batch.labels >= 0)  # (B,)
+        if bool(rows.any()):
+            res.append((k, loss_fn(out["logits"][rows], batch.labels[rows])))
+    return res
+
+
+class DGMethod:
+    """Shared plumbing: no parameters, empty state."""
+
+    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str]) -> None:
+        self.cfg, self.domains, self.names = cfg, list(domains), list(names)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable tensors of the method (none by default)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (JSON-able)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state."""
+
+
+class ERM(DGMethod):
+    """The task loss pooled over every labeled row, whatever its domain."""
+
+    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+        """The model's own pooled task loss."""
+        return out["task_loss"], {}
+
+
+# ---------------------------------------------------------------- GroupDRO
+
+
+def group_dro_update(q: torch.Tensor, losses: torch.Tensor, present: torch.Tensor, eta: float) -> torch.Tensor:
+    """One exponentiated-gradient step: q_d <- q_d exp(eta * loss_d) for domains present, renormalised."""
+    q = q * torch.exp(eta * losses * present)
+    return q / q.sum()
+
+
+class GroupDRO(DGMethod):
+    """Sagawa et al. 2020: T = sum_d q_d T_d, with q pushed toward the domains with the highest loss."""
+
+    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str]) -> None:
+        super().__init__(cfg, domains, names)
+        self.q = torch.full((len(self.domains),), 1.0 / len(self.domains))
+
+    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+        """Update q from this batch's per-domain losses, then weight them by q."""
+        pairs = per_domain(out, batch, loss_fn, self.domains)
+        if not pairs:
+            return out["task_loss"], {}
+        losses = torch.zeros(len(self.domains))
+        present = torch.zeros(len(self.domains))
+        for k, v in pairs:
+            losses[k], present[k] = float(v.detach()), 1.0
+        self.q = group_dro_update(self.q, losses, present, self.cfg.eta)
+        loss = sum(float(self.q[k]) * v for k, v in pairs)
+        return loss, {f"dro_q_{n}": float(w) for n, w in zip(self.names, self.q)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The domain weights."""
+        return {"q": self.q.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the domain weights."""
+        if "q" in state:
+            self.q = torch.tensor(state["q"], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- IRMv1
+
+
+def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, loss_fn: Any) -> torch.Tensor:
+    """IRMv1: squared gradient of the domain's loss with respect to a dummy classifier scale w = 1."""
+    scale = torch.ones((), device=logits.device, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss_fn(logits * scale, labels), [scale], create_graph=True)
+    return grad**2
+
+
+class IRM(DGMethod):
+    """Arjovsky et al. 2019: mean per-domain loss + lambda * mean IRMv1 penalty; lambda = 1 during warm-up."""
+
+    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+        """Per-domain risks and penalties; after the warm-up the sum is divided by lambda (as DomainBed does)."""
+        rows = [(batch.domains == d) & (batch.labels >= 0) for d in self.domains]
+        rows = [r for r in rows if bool(r.any())]
+        if not rows:
+            return out["task_loss"], {}
+        z, y = out["logits"], batch.labels
+        risk = torch.stack([loss_fn(z[r], y[r]) for r in rows]).mean()
+        penalty = torch.stack([irm_penalty(z[r], y[r], loss_fn) for r in rows]).mean()
+        lam = self.cfg.penalty_weight if step >= self.cfg.anneal_steps else 1.0
+        loss = risk + lam * penalty
+        if lam > 1.0:  # keeps the gradient scale when lambda jumps
+            loss = loss / lam
+        return loss, {"irm_penalty": float(penalty.detach()), "irm_lambda": lam}
+
+
+# ---------------------------------------------------------------- CORAL
+
+
+def covariance(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased feature covariance (D, D) of rows x (N, D)."""
+    xc = x - x.mean(0, keepdim=True)  # (N, D)
+    return xc.T @ xc / max(x.shape[0] - 1, 1)
+
+
+def coral_penalty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the means plus of the covariances of two feature batches (DomainBed's CORAL)."""
+    mean_diff = (x.mean(0) - y.mean(0)).pow(2).mean()
+    cov_diff = (covariance(x) - covariance(y)).pow(2).mean()
+    return mean_diff + cov_diff
+
+
+class CORAL(DGMethod):
+    """Sun & Saenko 2016: pooled task loss + weight * mean CORAL penalty over pairs of train domains."""
+
+    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+        """Align the pooled features (B, D) of every pair of domains with at least two rows in the batch."""
+        feats = [out["features"][batch.domains == d] for d in self.domains]
+        feats = [f.float() for f in feats if f.shape[0] >= 2]
+        pairs = [coral_penalty(a, b) for i, a in enumerate(feats) for b in feats[i + 1 :]]
+        if not pairs:
+            return out["task_loss"], {}
+        penalty = torch.stack(pairs).mean()
+        return out["task_loss"] + self.cfg.weight * penalty, {"coral": float(penalty.detach())}
+
+
+# ---------------------------------------------------------------- MLDG
+
+
+def mldg_loss(params: Params, f_train: Callable[[Params], torch.Tensor], f_test: Callable[[Params], torch.Tensor],
+              inner_lr: float, beta: float) -> torch.Tensor:
+    """F(theta) + beta * G(theta - inner_lr * grad F(theta)); its gradient is MLDG's meta-gradient (second order)."""
+    f = f_train(params)
+    grads = torch.autograd.grad(f, params, create_graph=True, allow_unused=True)
+    moved = [p - inner_lr * g if g is not None else p for p, g in zip(params, grads)]
+    return f + beta * f_test(moved)
+
+
+class _Classify(nn.Module):
+    """tokens, lengths -> class logits, so torch.func.functional_call can run the task path at moved weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.model(tokens)  # (B, T, D)
+        return self.model.cls_head(self.model.pool(h, lengths))  # (B, C)
+
+
+class MLDG(DGMethod):
+    """Li et al. 2018: each step one present train domain (rotating with the step) is the meta-test domain."""
+
+    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+        """F on the meta-train rows, G on the meta-test rows after one virtual step (own forward passes)."""
+        labeled = batch.labels >= 0
+        present = [d for d in self.domains if bool(((batch.domains == d) & labeled).any())]
+        if len(present) < 2:
+            return out["task_loss"], {}
+        test_dom = present[step % len(present)]
+        test_rows = (batch.domains == test_dom) & labeled  # (B,)
+        train_rows = labeled & ~test_rows
+        wrapped = _Classify(model)
+        named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
+        names, params = [n for n, _ in named], [p for _, p in named]
+        def rows_loss(rows: torch.Tensor) -> Callable[[Params], torch.Tensor]:
+            tokens, lengths = batch.tokens[rows], batch.lengths[rows]
+            tokens = tokens[:, : int(lengths.max())]  # drop padding columns only the other rows needed
+
+            def f(p: Params) -> torch.Tensor:
+                logits = torch.func.functional_call(wrapped, dict(zip(names, p)), (tokens, lengths))  # (N, C)
+                return loss_fn(logits, batch.labels[rows])
+
+            return f
+
+        # the meta-gradient differentiates through a gradient: attention must use the composite (math) kernel,
+        # whose backward is itself differentiable (the fused CPU/flash kernels have no double backward)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = mldg_loss(params, rows_loss(train_rows), rows_loss(test_rows), self.cfg.inner_lr, self.cfg.beta)
+        return loss, {}
+
+
+# ---------------------------------------------------------------- DANN
+
+
+class _Reverse(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by -scale on the way back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The gradient-reversal layer (Ganin et al. 2016)."""
+    return _Reverse.apply(x, scale)
+
+
+class DANN(DGMethod):
+    """Pooled task loss + weight * domain cross-entropy of a classifier that sees features through reversal."""
+
+    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str], stream_domains: Sequence[int],
+                 d_model: int) -> None:
+        super().__init__(cfg, domains, names)
+        self.stream = list(stream_domains)  # the classifier's classes: every domain in the training stream
+        self.lookup = torch.full((max(self.stream) + 1,), -1, dtype=torch.long)
+        self.lookup[self.stream] = torch.arange(len(self.stream))
+        self.classifier = nn.Sequential(nn.Linear(d_model, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, len(self.stream)))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The domain classifier's weights."""
+        return list(self.classifier.parameters())
+
+    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+        """The features learn to fool the domain classifier while it learns to tell the domains apart."""
+        feats = out["features"]  # (B, D)
+        self.classifier.to(feats.device)
+        target = self.lookup.to(feats.device)[batch.domains]  # (B,)
+        logits = self.classifier(reverse_gradient(feats, self.cfg.reversal).float())  # (B, K)
+        domain_loss = F.cross_entropy(logits, target)
+        acc = float((logits.argmax(-1) == target).float().mean())
+        return out["task_loss"] + self.cfg.weight * domain_loss, {"domain_loss": float(domain_loss.detach()),
+                                                                  "domain_acc": acc}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The classifier's weights as lists (float32 values round-trip exactly through JSON)."""
+        return {k: v.detach().cpu().tolist() for k, v in self.classifier.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy the classifier's weights in place (the optimiser holds these very tensors)."""
+        with torch.no_grad():
+            for k, v in self.classifier.state_dict().items():
+                if k in state:
+                    v.copy_(torch.tensor(state[k], dtype=v.dtype))
+
+
+def build_erm(cfg: Any, **_: Any) -> ERM:
+    """ERM."""
+    return ERM(cfg, [], [])
+
+
+def build_group_dro(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> GroupDRO:
+    """GroupDRO."""
+    return GroupDRO(cfg, domains, names)
+
+
+def build_irm(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> IRM:
+    """IRMv1."""
+    return IRM(cfg, domains, names)
+
+
+def build_coral(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> CORAL:
+    """Deep CORAL."""
+    return CORAL(cfg, domains, names)
+
+
+def build_mldg(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> MLDG:
+    """MLDG."""
+    return MLDG(cfg, domains, names)
+
+
+def build_dann(cfg: Any, *, domains: Sequence[int], names: Sequence[str], stream_domains: Sequence[int],
+               d_model: int, **_: Any) -> DANN:
+    """DANN."""
+    return DANN(cfg, domains, names, stream_domains, d_model)
