@@ -75,10 +75,10 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
 
     from llmcli.config import load_config
     from llmcli.data.dataset import ProcessedData
-    from llmcli.losses import class_counts
+    from llmcli.device import resolve_device
+    from llmcli.distributed import Dist
     from llmcli.models.model import build_model
     from llmcli.registry import registry
-    from llmcli.device import resolve_device
 
     s = SHAPE
     cfg = load_config(ROOT / "configs" / "default.yaml", [
@@ -96,7 +96,7 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
         cfg=cfg, data=data, model=model, device=dev, train_idx=idx, optimizer=opt,
         scheduler=registry("schedule").build(cfg.schedule, optimizer=opt, total_steps=cfg.train.steps),
         task_loss=registry("task_loss").build(cfg.task_loss, n_classes=4, class_counts=np.ones(4, dtype=np.int64)),
-        objective=registry("objective").build(cfg.objective))
+        objective=registry("objective").build(cfg.objective), dist=Dist())
 
 
 def step_fn(sess: SimpleNamespace):

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-
 # fused=True: one kernel per parameter group instead of a chain of foreach ops; on CPU (torch >= 2.4) and CUDA
 # it measured 2.7x faster than foreach=True for the 4-layer bench model (docs/performance.md).
 

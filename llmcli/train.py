@@ -26,18 +26,21 @@ class Session:
 
         from llmcli.data.dataset import ProcessedData
         from llmcli.data.preprocess import preprocess
+        from llmcli.device import resolve_device
+        from llmcli.distributed import main_first, setup
         from llmcli.losses import class_counts
         from llmcli.models.model import build_model
         from llmcli.models.transfer import apply_transfer
         from llmcli.registry import registry
 
         self.cfg = cfg
-        torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-        self.device = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if cfg.train.device == "auto" else cfg.train.device)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("train.device: 'cuda' requested but no CUDA device is available (use cpu or auto)")
-        self.data = ProcessedData(preprocess(cfg.data, log=log))
+        # ranks on one machine share its cores: threads = cores / local ranks (torchrun sets LOCAL_WORLD_SIZE)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local))
+        self.device = resolve_device(cfg.train)
+        self.dist = setup(self.device)
+        with main_first(self.dist):  # rank 0 preprocesses (or validates the cache); the others then read it
+            self.data = ProcessedData(preprocess(cfg.data, log=log))
         torch.manual_seed(cfg.seed)
         n_classes = len(self.data.label_names)
         self.model = build_model(cfg.model, vocab_size=self.data.manifest["vocab_size"], n_classes=n_classes,
@@ -52,6 +55,9 @@ class Session:
         own = list(self.objective.parameters())  # e.g. learned log-variances: trained, never decayed
         for p in own:
             p.data = p.data.to(self.device)
+        from llmcli.distributed import broadcast_parameters
+
+        broadcast_parameters(list(self.model.parameters()) + own, self.dist)  # every rank starts from rank 0's
         decay, no_decay = self.model.decay_groups()
         self.optimizer = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay + own)
         self.scheduler = registry("schedule").build(cfg.schedule, optimizer=self.optimizer,
@@ -110,10 +116,41 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
         if not (run_dir / "checkpoints" / "last.safetensors").is_file():
             raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors)")
     sess = Session(cfg, log, resuming=resume is not None)
-    if resume is None:
+    if resume is not None:
+        _check_world(run_dir, sess.dist.world)
+    if resume is None and sess.dist.main:
         run_dir = create_run_dir(Path(runs_dir), cfg.name) if run_dir is None else Path(run_dir)
         _start_run(run_dir, cfg, sess)
-    return _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
+    if sess.dist.world == 1:
+        return _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
+    return _loop_distributed(sess, run_dir, resume is not None, progress, log, stop_after)
+
+
+def _check_world(run_dir: Path, world: int) -> None:
+    """A run resumes with the world size it was trained with (the data shards and batch split depend on it)."""
+    saved = read_json(run_dir / "meta.json", "run meta").get("world_size", 1)
+    if saved != world:
+        how = f"torchrun --nproc_per_node {saved} -m llmcli train" if saved > 1 else "llmcli train (one process)"
+        raise UserError(f"{run_dir / 'meta.json'}: world_size is {saved} but this resume runs {world} processes; "
+                        f"resume it with {how} --resume")
+
+
+def _loop_distributed(sess: Session, run_dir: Any, resuming: bool, progress: bool, log: Any,
+                      stop_after: int | None) -> Path:
+    """The same loop on every rank; only rank 0 writes the run folder, the others a scratch mirror of it."""
+    import shutil
+
+    from llmcli.distributed import broadcast_object, mirror
+
+    run_dir = Path(broadcast_object(str(run_dir), sess.dist))  # after rank 0 has created it
+    if sess.dist.main:
+        return _loop(sess, run_dir, resuming, progress, log, stop_after)
+    scratch = mirror(run_dir)
+    try:
+        _loop(sess, scratch, resuming, False, lambda m: None, stop_after)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return run_dir
 
 
 def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
@@ -128,7 +165,7 @@ def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
     shutil.copyfile(sess.data.path / "manifest.json", run_dir / "data_manifest.json")
     (run_dir / "metrics.jsonl").touch()
     meta = new_meta(cfg.seed, {"name": cfg.name, "n_params": n_params(sess.model), "data": str(sess.data.path),
-                               "device": sess.device})
+                               "device": sess.device, "world_size": sess.dist.world})
     update_meta(run_dir, **meta)
 
 
@@ -252,19 +289,23 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
     (means; grad_cosine from the first micro-batch) and the step's token count.
     """
     from llmcli.data.dataset import epoch_stream
+    from llmcli.device import autocast
+    from llmcli.distributed import shard
 
     cfg, tc = sess.cfg, sess.cfg.train
     k, lms, tasks, logs, n_tokens = tc.grad_accum_steps, [], [], {}, 0
     for j in range(k):
         start = (step * k + j) * tc.batch_size
-        batch = sess.data.batch(sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, start, tc.batch_size)])
+        idx = sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, start, tc.batch_size)]
+        batch = sess.data.batch(shard(idx, sess.dist))  # the global batch; under torchrun, this rank's slice
         if cfg.data.augment:  # train split only; a pure function of (seed, micro-step): resume stays exact
             from llmcli.data.augment import augment_batch
 
             batch = augment_batch(batch, cfg.data.augment, cfg.seed, step * k + j, sess.data.pad_id)
         if hasattr(sess.objective, "prepare"):  # e.g. the conditioned objective draws this batch's alpha
             sess.objective.prepare(sess.model, step)
-        out = sess.model.losses(_to(batch, sess.device), sess.task_loss)
+        with autocast(sess.device):  # bf16 on CUDA; a no-op on CPU
+            out = sess.model.losses(_to(batch, sess.device), sess.task_loss)
         micro = sess.objective.backward(out["lm_loss"], out["task_loss"], shared, step)
         lms.append(float(out["lm_loss"].detach()))
         tasks.append(float(out["task_loss"].detach()))
@@ -277,7 +318,20 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
                 if p.grad is not None:
                     p.grad.div_(k)
     means = {key: (v[0] if key == "grad_cosine" else float(np.mean(v))) for key, v in logs.items()}
-    return float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens
+    return _reduce_ranks(sess, float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens)
+
+
+def _reduce_ranks(sess: Session, lm: float, task: float, logs: dict[str, float],
+                  n_tokens: int) -> tuple[float, float, dict[str, float], int]:
+    """Under torchrun: gradients and logged figures averaged across ranks, tokens summed (else unchanged)."""
+    from llmcli.distributed import all_reduce_floats, average_gradients
+
+    if sess.dist.world == 1:
+        return lm, task, logs, n_tokens
+    average_gradients([p for g in sess.optimizer.param_groups for p in g["params"]], sess.dist)
+    mean = all_reduce_floats({"lm_loss": lm, "task_loss": task, **logs}, sess.dist)
+    total = all_reduce_floats({"n_tokens": float(n_tokens)}, sess.dist, mean=False)["n_tokens"]
+    return mean.pop("lm_loss"), mean.pop("task_loss"), mean, int(total)
 
 
 def meta_params(run_dir: Path) -> str:
