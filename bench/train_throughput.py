@@ -89,6 +89,8 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.train)
     model = build_model(cfg.model, vocab_size=s["vocab"], n_classes=4, max_len=s["block"]).to(dev)
+    if cfg.train.compile:  # as train.Session does
+        model.backbone.compile(dynamic=True)
     idx = data.indices("train")
     decay, no_decay = model.decay_groups()
     opt = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay)

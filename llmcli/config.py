@@ -358,7 +358,8 @@ class TrainConfig(Strict):
     init_from: str | None = Field(None, description="run folder whose backbone + LM head weights start this run")
     freeze: list[str] = Field(default_factory=list, description="parts not trained: embedding, backbone, lm_head, cls_head")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores (shared among torchrun ranks)")
+    compile: bool = Field(False, description="torch.compile the backbone (pays a compile at start; see docs/performance.md)")
 
 
 class EvalConfig(Strict):

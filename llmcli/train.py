@@ -52,6 +52,8 @@ class Session:
         if hasattr(self.objective, "wrap_model"):  # objectives that add layers (conditioned) do it before the optimiser
             self.objective.wrap_model(self.model)
         apply_transfer(self.model, cfg.train, self.data, load=not resuming)  # a resume loads its own checkpoint
+        if cfg.train.compile:  # in place: parameter names and checkpoints stay those of the eager model
+            self.model.backbone.compile(dynamic=True)  # dynamic: batch lengths vary (T = longest record)
         own = list(self.objective.parameters())  # e.g. learned log-variances: trained, never decayed
         for p in own:
             p.data = p.data.to(self.device)
@@ -324,11 +326,13 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
 def _reduce_ranks(sess: Session, lm: float, task: float, logs: dict[str, float],
                   n_tokens: int) -> tuple[float, float, dict[str, float], int]:
     """Under torchrun: gradients and logged figures averaged across ranks, tokens summed (else unchanged)."""
-    from llmcli.distributed import all_reduce_floats, average_gradients
+    from llmcli.distributed import all_reduce_floats, average_gradients, broadcast_object
 
     if sess.dist.world == 1:
         return lm, task, logs, n_tokens
     average_gradients([p for g in sess.optimizer.param_groups for p in g["params"]], sess.dist)
+    # state an objective updates from its own batch (the constrained multiplier) follows rank 0 on every rank
+    sess.objective.load_state_dict(broadcast_object(sess.objective.state_dict(), sess.dist))
     mean = all_reduce_floats({"lm_loss": lm, "task_loss": task, **logs}, sess.dist)
     total = all_reduce_floats({"n_tokens": float(n_tokens)}, sess.dist, mean=False)["n_tokens"]
     return mean.pop("lm_loss"), mean.pop("task_loss"), mean, int(total)
