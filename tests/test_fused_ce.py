@@ -50,3 +50,16 @@ def test_training_model_loss_equals_the_evaluation_path():
         plain = m.lm_loss(m(toks), toks, lens)
     nll, mask = m.lm_nll(h.detach(), toks, lens)
     assert torch.allclose(fused, plain, rtol=1e-5) and torch.allclose(plain, nll.sum() / mask.sum(), rtol=1e-6)
+
+
+def test_under_bf16_autocast_the_loss_and_gradients_stay_close_to_fp32():
+    h, w, t, weight = (x.float() if x.is_floating_point() else x for x in _inputs(v=300))
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = linear_cross_entropy(h, w, t, weight, chunk=16)
+    g_ref = torch.autograd.grad(ref, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CUDA path's code, on CPU
+        out = linear_cross_entropy(h, w, t, weight, chunk=16)
+    g = torch.autograd.grad(out, (h, w))
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, rtol=2e-2)
+    assert all(g_.dtype == torch.float32 and torch.allclose(a, b, atol=3e-2 * b.abs().max()) for a, b, g_ in
+               zip(g, g_ref, g))

@@ -23,9 +23,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 chunk: int) -> torch.Tensor:
         # h (N, D), w (V, D), targets (N,), weight (N,): returns sum_i weight_i * nll_i
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None  # (N, D)
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, D)
+        acc = torch.promote_types(h.dtype, torch.float32)  # gradients accumulate in fp32 (fp64 stays fp64)
+        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None  # (N, D)
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None  # (V, D)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        # out= and in-place GEMMs do not autocast: under bf16 autocast (CUDA) they run out of place
+        inplace = not torch.is_autocast_enabled(h.device.type) and h.dtype == w.dtype == acc
         for s in range(0, h.shape[0], chunk):
             hc, tc, wc = h[s : s + chunk], targets[s : s + chunk], weight[s : s + chunk].float()  # (c, D), (c,)
             logits = (hc @ w.t()).float()  # (c, V); bf16 matmul under CUDA autocast, fp32 softmax
@@ -41,14 +44,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(w_i nll_i)/d logits = w_i (p_i / total_i - onehot_i) = (w_i / total_i) (p_i - total_i onehot_i)
                 p[torch.arange(len(tc), device=p.device), tc] -= total  # (c writes, no scatter-add)
                 wc = wc / total  # (c,)
-                p = p.to(h.dtype)  # the matmuls run in the activations' dtype
+                p = p.to(h.dtype) if inplace else p  # (c, V)
                 if need_h:
-                    gh = grad_h[s : s + chunk]  # (c, D) view: the matmul writes in place
-                    torch.mm(p, w.to(h.dtype), out=gh) if p.dtype == gh.dtype else gh.copy_(p @ w.to(h.dtype))
+                    gh = grad_h[s : s + chunk]  # (c, D) view
+                    torch.mm(p, w, out=gh) if inplace else gh.copy_(p @ w)
                     gh.mul_(wc[:, None])
                 if need_w:
-                    hw = hc * wc[:, None].to(h.dtype)  # (c, D)
-                    if p.dtype == grad_w.dtype:
+                    hw = hc * wc[:, None].to(hc.dtype)  # (c, D)
+                    if inplace:
                         grad_w.addmm_(p.t(), hw)  # (V, D), accumulated inside the GEMM
                     else:
                         grad_w += p.t() @ hw
