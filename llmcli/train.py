@@ -27,7 +27,7 @@ class Session:
         from llmcli.data.dataset import ProcessedData
         from llmcli.data.preprocess import preprocess
         from llmcli.device import resolve_device
-        from llmcli.distributed import main_first, setup
+        from llmcli.distributed import broadcast_parameters, main_first, setup
         from llmcli.losses import class_counts
         from llmcli.models.model import build_model
         from llmcli.models.transfer import apply_transfer
@@ -57,8 +57,6 @@ class Session:
         own = list(self.objective.parameters())  # e.g. learned log-variances: trained, never decayed
         for p in own:
             p.data = p.data.to(self.device)
-        from llmcli.distributed import broadcast_parameters
-
         broadcast_parameters(list(self.model.parameters()) + own, self.dist)  # every rank starts from rank 0's
         decay, no_decay = self.model.decay_groups()
         self.optimizer = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay + own)
