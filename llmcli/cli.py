@@ -6,6 +6,7 @@ stays fast. A `UserError` anywhere becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,10 @@ SET_HELP = "Dotted override, repeatable: --set train.steps=100 --set model.n_lay
 
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+def _quiet(msg: str) -> None:
+    """Log sink of non-zero torchrun ranks."""
 
 
 def _guard(fn: Callable[[], Any], config: str | None = None) -> Any:
@@ -160,7 +165,10 @@ def train(
             typer.echo((out / "loo.md").read_text(encoding="utf-8"), err=True)
             typer.echo(out)
             return
-        typer.echo(run(cfg, runs_dir=runs_dir, resume=resume, progress=progress, log=_log))
+        main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone talks to the user
+        out = run(cfg, runs_dir=runs_dir, resume=resume, progress=progress and main, log=_log if main else _quiet)
+        if main:
+            typer.echo(out)
 
     _guard(body, config or (resume and str(Path(resume) / "config.yaml")))
 

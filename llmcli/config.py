@@ -441,7 +441,8 @@ class TrainConfig(Strict):
     exclude_domains: list[str] = Field(
         default_factory=list, description="train domains left out of training (set by leave-one-domain-out selection)")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores (shared among torchrun ranks)")
+    compile: bool = Field(False, description="torch.compile the backbone (pays a compile at start; see docs/performance.md)")
 
 
 class EvalConfig(Strict):

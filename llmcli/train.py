@@ -26,18 +26,21 @@ class Session:
 
         from llmcli.data.dataset import ProcessedData
         from llmcli.data.preprocess import preprocess
+        from llmcli.device import resolve_device
+        from llmcli.distributed import broadcast_parameters, main_first, setup
         from llmcli.losses import class_counts
         from llmcli.models.model import build_model
         from llmcli.models.transfer import apply_transfer
         from llmcli.registry import registry
 
         self.cfg = cfg
-        torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-        self.device = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if cfg.train.device == "auto" else cfg.train.device)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("train.device: 'cuda' requested but no CUDA device is available (use cpu or auto)")
-        self.data = ProcessedData(preprocess(cfg.data, log=log))
+        # ranks on one machine share its cores: threads = cores / local ranks (torchrun sets LOCAL_WORLD_SIZE)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local))
+        self.device = resolve_device(cfg.train)
+        self.dist = setup(self.device)
+        with main_first(self.dist):  # rank 0 preprocesses (or validates the cache); the others then read it
+            self.data = ProcessedData(preprocess(cfg.data, log=log))
         torch.manual_seed(cfg.seed)
         n_classes = len(self.data.label_names)
         self.model = build_model(cfg.model, vocab_size=self.data.manifest["vocab_size"], n_classes=n_classes,
@@ -57,9 +60,12 @@ class Session:
         if hasattr(self.objective, "wrap_model"):  # objectives that add layers (conditioned) do it before the optimiser
             self.objective.wrap_model(self.model)
         apply_transfer(self.model, cfg.train, self.data, load=not resuming)  # a resume loads its own checkpoint
+        if cfg.train.compile:  # in place: parameter names and checkpoints stay those of the eager model
+            self.model.backbone.compile(dynamic=True)  # dynamic: batch lengths vary (T = longest record)
         own = list(self.objective.parameters()) + list(self.dg.parameters())  # e.g. learned log-variances
         for p in own:
             p.data = p.data.to(self.device)
+        broadcast_parameters(list(self.model.parameters()) + own, self.dist)  # every rank starts from rank 0's
         decay, no_decay = self.model.decay_groups()
         self.optimizer = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay + own)
         self.scheduler = registry("schedule").build(cfg.schedule, optimizer=self.optimizer,
@@ -129,13 +135,14 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
     """
     if resume is not None:
         run_dir = Path(resume)
+        _check_world(run_dir, int(os.environ.get("WORLD_SIZE", "1")))  # before anything else about the run
         cfg = _check_resumable(run_dir)
     sess = Session(cfg, log, resuming=resume is not None)
     if cfg.train.select_by == "leave_one_domain_out":
         from llmcli.selection import check_domains
 
         check_domains(cfg, sess.train_domains)
-    if resume is None:
+    if resume is None and sess.dist.main:
         created = run_dir is None
         run_dir = create_run_dir(Path(runs_dir), cfg.name) if created else Path(run_dir)
         try:
@@ -148,9 +155,12 @@ def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None 
             if isinstance(exc, OSError):
                 raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
             raise
-    out = _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
+    if sess.dist.world == 1:
+        out = _loop(sess, Path(run_dir), resume is not None, progress, log, stop_after)
+    else:
+        out = _loop_distributed(sess, run_dir, resume is not None, progress, log, stop_after)
     done = read_json(out / "meta.json", "run meta")["status"] == "completed"
-    if cfg.train.select_by == "leave_one_domain_out" and done:
+    if cfg.train.select_by == "leave_one_domain_out" and done and sess.dist.main:
         from llmcli.selection import select_leave_one_domain_out
 
         select_leave_one_domain_out(out, cfg, sess.train_domains, sess.objective, log=log)
@@ -183,6 +193,33 @@ def _check_resumable(run_dir: Path) -> Any:
     return cfg
 
 
+def _check_world(run_dir: Path, world: int) -> None:
+    """A run resumes with the world size it was trained with (the data shards and batch split depend on it)."""
+    saved = read_json(run_dir / "meta.json", "run meta").get("world_size", 1)
+    if saved != world:
+        how = f"torchrun --nproc_per_node {saved} -m llmcli train" if saved > 1 else "llmcli train (one process)"
+        raise UserError(f"{run_dir / 'meta.json'}: world_size is {saved} but this resume runs {world} processes; "
+                        f"resume it with {how} --resume")
+
+
+def _loop_distributed(sess: Session, run_dir: Any, resuming: bool, progress: bool, log: Any,
+                      stop_after: int | None) -> Path:
+    """The same loop on every rank; only rank 0 writes the run folder, the others a scratch mirror of it."""
+    import shutil
+
+    from llmcli.distributed import broadcast_object, mirror
+
+    run_dir = Path(broadcast_object(str(run_dir), sess.dist))  # after rank 0 has created it
+    if sess.dist.main:
+        return _loop(sess, run_dir, resuming, progress, log, stop_after)
+    scratch = mirror(run_dir)
+    try:
+        _loop(sess, scratch, resuming, False, lambda m: None, stop_after)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return run_dir
+
+
 def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
     from llmcli.config import dump_config
     from llmcli.models.model import n_params
@@ -193,7 +230,7 @@ def _start_run(run_dir: Path, cfg: Any, sess: Session) -> None:
     atomic_write_bytes(run_dir / "data_manifest.json", (sess.data.path / "manifest.json").read_bytes())
     atomic_write_text(run_dir / "metrics.jsonl", "")
     meta = new_meta(cfg.seed, {"name": cfg.name, "n_params": n_params(sess.model), "data": str(sess.data.path),
-                               "device": sess.device})
+                               "device": sess.device, "world_size": sess.dist.world})
     update_meta(run_dir, **meta)
 
 
@@ -356,10 +393,14 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
     pure function of the step (exact resume). Returns mean lm_loss, task_loss, the objective's logs
     (means; grad_cosine from the first micro-batch) and the step's token count.
     """
+    from llmcli.device import autocast
+    from llmcli.distributed import shard
+
     cfg, tc = sess.cfg, sess.cfg.train
     k, lms, tasks, logs, n_tokens = tc.grad_accum_steps, [], [], {}, 0
     for j in range(k):
-        batch = sess.data.batch(_batch_indices(sess, step * k + j))
+        # the global batch; under torchrun, this rank's slice of it
+        batch = sess.data.batch(shard(_batch_indices(sess, step * k + j), sess.dist))
         if cfg.data.augment:  # train split only; a pure function of (seed, micro-step): resume stays exact
             from llmcli.data.augment import augment_batch
 
@@ -367,7 +408,8 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
         if hasattr(sess.objective, "prepare"):  # e.g. the conditioned objective draws this batch's alpha
             sess.objective.prepare(sess.model, step)
         batch = _to(batch, sess.device)
-        out = sess.model.losses(batch, sess.task_loss)
+        with autocast(sess.device):  # bf16 on CUDA; a no-op on CPU
+            out = sess.model.losses(batch, sess.task_loss)
         # the DG method forms T from per-domain losses and features; metrics keep the plain pooled task_loss
         dg_task, dg_logs = sess.dg.task_loss(sess.model, batch, out, sess.task_loss, step)
         micro = {**sess.objective.backward(out["lm_loss"], dg_task, shared, step), **dg_logs}
@@ -384,7 +426,22 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
                 if p.grad is not None:
                     p.grad.div_(k)
     means = {key: (v[0] if key == "grad_cosine" else float(np.mean(v))) for key, v in logs.items()}
-    return float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens
+    return _reduce_ranks(sess, float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens)
+
+
+def _reduce_ranks(sess: Session, lm: float, task: float, logs: dict[str, float],
+                  n_tokens: int) -> tuple[float, float, dict[str, float], int]:
+    """Under torchrun: gradients and logged figures averaged across ranks, tokens summed (else unchanged)."""
+    from llmcli.distributed import all_reduce_floats, average_gradients, broadcast_object
+
+    if sess.dist.world == 1:
+        return lm, task, logs, n_tokens
+    average_gradients([p for g in sess.optimizer.param_groups for p in g["params"]], sess.dist)
+    # state an objective updates from its own batch (the constrained multiplier) follows rank 0 on every rank
+    sess.objective.load_state_dict(broadcast_object(sess.objective.state_dict(), sess.dist))
+    mean = all_reduce_floats({"lm_loss": lm, "task_loss": task, **logs}, sess.dist)
+    total = all_reduce_floats({"n_tokens": float(n_tokens)}, sess.dist, mean=False)["n_tokens"]
+    return mean.pop("lm_loss"), mean.pop("task_loss"), mean, int(total)
 
 
 def _mark(run_dir: Path, **changes: Any) -> None:

@@ -67,9 +67,12 @@ class ProcessedData:
     def batch(self, idx: np.ndarray) -> Batch:
         """Gather records into a right-padded (B, T) batch, T = the longest record."""
         lens = self.lengths(idx)
-        out = np.full((len(idx), int(lens.max())), self.pad_id, dtype=np.int64)
-        for row, (i, n) in enumerate(zip(idx.tolist(), lens.tolist())):
-            out[row, :n] = self.tokens[self.offsets[i] : self.offsets[i] + n]
+        cols = np.arange(int(lens.max()))  # (T,)
+        real = cols[None, :] < lens[:, None]  # (B, T)
+        # one vectorised gather from the memmap (no per-row Python copies); padding positions read the record's
+        # first token (always in range) and are overwritten with PAD
+        pos = self.offsets[idx][:, None] + np.where(real, cols[None, :], 0)  # (B, T)
+        out = np.where(real, self.tokens[pos], self.pad_id).astype(np.int64)  # (B, T)
         return Batch(
             torch.from_numpy(out),
             torch.from_numpy(lens.astype(np.int64)),

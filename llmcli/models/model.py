@@ -44,14 +44,26 @@ class TwoHeadModel(nn.Module):
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
         return nll * mask, mask
 
+    def lm_loss(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean next-token NLL over real targets; when training, by the chunked fused head (no (B, T, V) logits)."""
+        if not (torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)):
+            nll, mask = self.lm_nll(h, tokens, lengths)
+            return nll.sum() / mask.sum().clamp(min=1)
+        from llmcli.models.fused_ce import linear_cross_entropy
+
+        targets = tokens[:, 1:]  # (B, T-1)
+        mask = torch.arange(targets.shape[1], device=tokens.device)[None, :] < (lengths[:, None] - 1)  # (B, T-1)
+        weight = mask.float() / mask.sum().clamp(min=1)  # (B, T-1): the mean as a weighted sum
+        return linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                    targets.reshape(-1), weight.reshape(-1))
+
     def losses(self, batch: Any, task_loss: Any) -> dict[str, torch.Tensor]:
         """Mean LM loss over real target tokens, and the task loss over labeled rows."""
         h = self(batch.tokens)  # (B, T, D)
-        nll, mask = self.lm_nll(h, batch.tokens, batch.lengths)
         features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
         logits = self.cls_head(features)  # (B, C)
         return {
-            "lm_loss": nll.sum() / mask.sum().clamp(min=1),
+            "lm_loss": self.lm_loss(h, batch.tokens, batch.lengths),
             "task_loss": task_loss(logits, batch.labels),
             "logits": logits,
             "features": features,
