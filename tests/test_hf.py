@@ -57,12 +57,7 @@ def test_hf_causal_cache_gives_the_same_states_as_a_full_forward(tiny, gpt2_dir)
     import torch
 
     m = Session(tiny(f"model={{name: hf_causal, path: '{gpt2_dir}'}}"), log=lambda m: None).model.eval()
-    seq = torch.tensor([[1, 4, 9, 3, 8, 7, 2, 5]])
+    from .test_model import assert_cache_matches_full_forward
+
     with torch.no_grad():
-        full, _ = m.backbone(seq)
-        h, cache = m.backbone(seq[:, :5])
-        steps = [h]
-        for t in range(5, 8):
-            h, cache = m.backbone(seq[:, t : t + 1], cache)
-            steps.append(h)
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+        assert_cache_matches_full_forward(m.backbone)

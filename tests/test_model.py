@@ -41,14 +41,14 @@ def test_unlabeled_rows_do_not_reach_the_task_loss():
     assert ce(logits, torch.tensor([-1, -1])).item() == 0.0
 
 
-def test_kv_cache_gives_the_same_states_as_a_full_forward():
-    m = small_model().eval()
+def assert_cache_matches_full_forward(backbone) -> None:
+    """Prefill 5 tokens, then 3 cached single-token steps: the states equal one full forward."""
     seq = torch.tensor([[1, 4, 9, 3, 8, 7, 2, 5]])
-    full, _ = m.backbone(seq)
-    h, cache = m.backbone(seq[:, :5])
+    full, _ = backbone(seq)
+    h, cache = backbone(seq[:, :5])
     steps = [h]
     for t in range(5, 8):
-        h, cache = m.backbone(seq[:, t : t + 1], cache)
+        h, cache = backbone(seq[:, t : t + 1], cache)
         steps.append(h)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
@@ -77,14 +77,7 @@ def backbone_model(name: str, vocab: int = 50, classes: int = 3):
 def test_every_backbone_caches_exactly_and_ties_its_lm_head(name):
     m = backbone_model(name).eval()
     assert m.lm_head.weight is m.backbone.embed.weight and m.backbone.d_model == 16
-    seq = torch.tensor([[1, 4, 9, 3, 8, 7, 2, 5]])
-    full, _ = m.backbone(seq)
-    h, cache = m.backbone(seq[:, :5])
-    steps = [h]
-    for t in range(5, 8):
-        h, cache = m.backbone(seq[:, t : t + 1], cache)
-        steps.append(h)
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert_cache_matches_full_forward(m.backbone)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
