@@ -46,6 +46,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish: str | None = None
+    _stream: Any = field(default=None, repr=False, compare=False)  # the tokenizer's incremental decoder
 
     def as_json(self) -> dict[str, Any]:
         """The JSON-able record `--json` prints."""
@@ -110,8 +111,10 @@ def decode_steps(model: Any, rows: Sequence[Sequence[int]], s: Sampling, gen: An
     if bool(pad.any()) and not takes_padding(backbone):
         raise ValueError(f"{type(backbone).__name__} cannot batch rows of different lengths; decode them apart")
 
+    padded = bool(pad.any())  # checked once per encode, not per step: a step is a few dozen microseconds
+
     def run(x: Any, cache: Any = None) -> tuple[Any, Any]:
-        return backbone(x, cache, pad=pad) if bool(pad.any()) else backbone(x, cache)
+        return backbone(x, cache, pad=pad) if padded else backbone(x, cache)
 
     block = backbone.block_size
     with torch.inference_mode():
@@ -119,13 +122,14 @@ def decode_steps(model: Any, rows: Sequence[Sequence[int]], s: Sampling, gen: An
         for step in range(s.max_new_tokens):
             logits = model.lm_head(h[:, -1]).float()  # (B, V)
             if step < s.min_new_tokens:
-                logits[:, eos_id] = float("-inf")
+                logits.select(1, eos_id).fill_(float("-inf"))
             nxt = sample_next(logits, s.temperature, s.top_k, s.top_p, gen)  # (B,)
             yield nxt
             ctx = torch.cat([ctx, nxt[:, None]], dim=1)  # (B, T+1)
             if ctx.shape[1] >= block:  # context full: re-encode the most recent half-block
                 cut = ctx.shape[1] - block // 2
                 ctx, pad = ctx[:, cut:], (pad - cut).clamp(min=0)
+                padded = bool(pad.any())
                 h, cache = run(ctx)
             elif use_cache:
                 h, cache = run(nxt[:, None], cache)  # one new token, cached past
@@ -136,10 +140,14 @@ def decode_steps(model: Any, rows: Sequence[Sequence[int]], s: Sampling, gen: An
 def _add(c: Completion, t: int, tok: Any, s: Sampling) -> None:
     """Append one generated token to a completion; set `finish` on EOS, a stop string or the length limit."""
     if t == tok.eos_id:
-        c.finish = "eos"
+        c.text, c.finish = tok.decode(c.tokens), "eos"
         return
+    if c._stream is None:
+        c._stream = tok.stream()
     c.tokens.append(t)
-    c.text = tok.decode(c.tokens)
+    c.text += c._stream(t) or ""  # incremental: an unfinished multi-byte character waits for its next token
+    if len(c.tokens) >= s.max_new_tokens:
+        c.text = tok.decode(c.tokens)  # the last step decodes everything once, unfinished character included
     hits = [i for i in (c.text.find(x) for x in s.stop) if i >= 0]
     if hits:
         c.text, c.finish = c.text[: min(hits)], "stop"

@@ -77,6 +77,16 @@ def test_cached_generation_gives_exactly_the_tokens_of_uncached_greedy_decoding(
     assert generate_all(tiny_run, [""], **kw)[0].tokens == generate_all(tiny_run, [""], use_cache=False, **kw)[0].tokens
 
 
+def test_the_incrementally_decoded_text_is_the_decode_of_the_tokens(tiny_run):
+    from llmcli.data.tokenizers import TextTokenizer
+    from llmcli.generate import generate_all
+
+    tok = TextTokenizer.load(tiny_run / "tokenizer.json")
+    hot = generate_all(tiny_run, ["In the beginning"] * 4, num_samples=2, temperature=2.0, top_k=None,
+                       max_new_tokens=60, seed=3)  # hot sampling: odd byte sequences, EOS and length endings
+    assert all(c.text == tok.decode(c.tokens) for c in hot) and {c.finish for c in hot} <= {"eos", "length"}
+
+
 def test_left_padded_batch_gives_each_prompt_its_own_greedy_tokens(tiny_run):
     from llmcli.generate import generate_all
 

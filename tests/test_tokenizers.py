@@ -40,6 +40,19 @@ def test_round_trip_of_unicode_and_empty_text(any_tok, tmp_path):
     assert again.encode_batch(TEXTS) == any_tok.encode_batch(TEXTS)
 
 
+def test_streamed_decoding_adds_up_to_the_full_decode_and_holds_back_split_characters(any_tok):
+    for text in TEXTS:
+        ids = [1, *any_tok.encode_batch([text])[0], 2]
+        step = any_tok.stream()
+        chunks = [step(i) for i in ids]
+        assert "".join(c for c in chunks if c) == text
+        assert all("\ufffd" not in c for c in chunks if c)
+    if any_tok.byte_level:  # a 4-byte emoji arrives one byte token at a time: nothing until its last byte
+        step = any_tok.stream()
+        emoji = any_tok.encode_batch(["😀"])[0]
+        assert [step(i) for i in emoji][-1] == "😀"
+
+
 def test_token_bytes_add_up_to_the_utf8_length_for_every_tokenizer(any_tok):
     tb = any_tok.token_bytes()
     assert (tb[:3] == 0).all()

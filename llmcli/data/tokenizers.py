@@ -8,7 +8,7 @@ bits-per-byte comparable across tokenizers.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,16 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of a token sequence (specials dropped)."""
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def stream(self) -> Callable[[int], str | None]:
+        """An incremental decoder: feed one id at a time, get the text it adds (None while a character is unfinished).
+
+        Decoding the whole sequence again at every generated token would make a long generation quadratic.
+        """
+        from tokenizers.decoders import DecodeStream
+
+        ds = DecodeStream(skip_special_tokens=True)
+        return lambda i: ds.step(self.tok, i)
 
     def _raw(self, i: int) -> bytes | None:
         """The bytes token i stands for; None for specials and <unk>."""

@@ -11,7 +11,43 @@ from torch import nn
 
 from llmcli.errors import UserError
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H, T, Dh)
+
+
+class KVCache:
+    """Keys and values of every layer, (B, H, T, Dh) each, for decoding one token per step.
+
+    The prefill's keys/values are kept as computed, so a training forward pays nothing for the cache. The
+    first cached step moves them into buffers of `capacity` (= block_size) positions; from then on a step
+    writes its token in place and attends over a view of the filled part: no per-step torch.cat, which would
+    re-copy the whole past of every layer at every token.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0  # positions filled (the same in every layer once a forward has finished)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this layer's new keys/values (B, H, T, Dh); return all of them (B, H, length+T, Dh)."""
+        if layer == len(self.k):  # prefill: nothing cached for this layer yet
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        start, T = self.length, k.shape[2]
+        if self.k[layer].shape[2] != self.capacity:  # first step after the prefill: move into buffers
+            self.k[layer] = self._buffer(self.k[layer])
+            self.v[layer] = self._buffer(self.v[layer])
+        K, V = self.k[layer], self.v[layer]  # (B, H, capacity, Dh)
+        K[:, :, start:start + T] = k
+        V[:, :, start:start + T] = v
+        return K[:, :, :start + T], V[:, :, :start + T]
+
+    def _buffer(self, filled: torch.Tensor) -> torch.Tensor:
+        B, H, T, Dh = filled.shape
+        buf = filled.new_empty(B, H, self.capacity, Dh)  # (B, H, capacity, Dh)
+        buf[:, :, :T] = filled
+        return buf
 
 
 class SelfAttention(nn.Module):
@@ -24,22 +60,21 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # each (B, T, D)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+T, Dh)
+        first = cache.length == 0
+        k, v = cache.update(layer, k, v)  # (B, H, P+T, Dh)
         # With a cache, new queries may see every cached key; causality among the new ones still holds
         # when T > 1 only if there is no past, so a prefill uses is_causal and a step (T == 1) does not.
         # An explicit mask (left-padded batches) already holds causality.
-        causal = (past is None or past[0].shape[2] == 0) and mask is None
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=first and mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, Dh)
-        y = y.transpose(1, 2).contiguous().view(B, T, D)
-        return self.proj(y), (k, v)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y)
 
 
 class Block(nn.Module):
@@ -57,10 +92,10 @@ class Block(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, past: Any, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        a, present = self.attn(self.ln1(x), past, mask)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), present
+    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer, mask)
+        fc, _, proj, drop = self.mlp  # called part by part: the Sequential (checkpoint names) and GELU dispatch
+        return x + drop(proj(F.gelu(fc(self.ln2(x)))))  # are pure overhead in a one-token decoding step
 
 
 class GPT(nn.Module):
@@ -95,7 +130,8 @@ class GPT(nn.Module):
         first real token and its padding is masked out of attention; pass the same `pad` at every step.
         """
         B, T = idx.shape
-        start = cache[0][0].shape[2] if cache else 0
+        cache = cache if cache is not None else KVCache(self.block_size)
+        start = cache.length
         if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
@@ -104,11 +140,10 @@ class GPT(nn.Module):
             pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T): each row counts from its own start
             mask = padding_mask(pad, start, T)  # (B, 1, T, start + T)
         x = self.drop(self.embed(idx) + self.pos(pos))  # (B, T, D)
-        present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cache[i] if cache else None, mask)
-            present.append(kv)
-        return self.ln_f(x), present
+            x = block(x, cache, i, mask)
+        cache.length = start + T
+        return self.ln_f(x), cache
 
 
 def padding_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
