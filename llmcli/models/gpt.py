@@ -12,7 +12,6 @@ from torch import nn
 from llmcli.errors import UserError
 
 
-
 class KVCache:
     """Keys and values of every layer, (B, H, T, Dh) each, for decoding one token per step.
 
