@@ -193,8 +193,11 @@ def point_config(cfg: Any, variable: str, value: float, seed: int, threads: int 
                                   "name": f"{cfg.name}-{variable[0]}{value:g}-s{seed}"})
 
 
-def run_point(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
-    """Train and evaluate one point in this process; write status.json either way (the worker body)."""
+def run_point(cfg_json: dict[str, Any], point: str, sweep_dir: str, resume: bool = False) -> None:
+    """Train and evaluate one point in this process; write status.json either way (the worker body).
+
+    resume: continue the point's run from its last checkpoint (exact resume) instead of starting it.
+    """
     from llmcli.config import validate_config
     from llmcli.evaluate import evaluate
     from llmcli.train import train
@@ -203,7 +206,10 @@ def run_point(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
     t0 = time.perf_counter()
     try:
         cfg = validate_config(cfg_json, point)
-        train(cfg, run_dir=pdir, progress=False, log=lambda m: None)
+        if not resume:
+            train(cfg, run_dir=pdir, progress=False, log=lambda m: None)
+        elif _meta_status(pdir) != "completed":  # a completed run was cut during its evaluation: only evaluate
+            train(None, resume=pdir, progress=False, log=lambda m: None)
         train_wall = round(time.perf_counter() - t0, 2)
         evaluate(pdir, split="test", log=lambda m: None)
     except BaseException as exc:  # the point fails; the sweep goes on
@@ -212,12 +218,12 @@ def run_point(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
                                                  "wall_s": round(time.perf_counter() - t0, 2)})
         raise SystemExit(1) from None
     atomic_write_json(pdir / "status.json", {"status": "completed", "wall_s": round(time.perf_counter() - t0, 2),
-                                             "train_wall_s": train_wall})
+                                             "train_wall_s": train_wall, "resumed": resume})
 
 
-def _child(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
+def _child(cfg_json: dict[str, Any], point: str, sweep_dir: str, resume: bool) -> None:
     _die_with_parent()
-    run_point(cfg_json, point, sweep_dir)
+    run_point(cfg_json, point, sweep_dir, resume)
 
 
 def _die_with_parent() -> None:
@@ -231,16 +237,44 @@ def _die_with_parent() -> None:
         pass
 
 
-def _prepare_point(sweep_dir: Path, name: str) -> Path:
-    """A fresh folder for a point; an unfinished earlier attempt is kept aside, never deleted."""
+def _meta_status(pdir: Path) -> str | None:
+    try:
+        return json.loads((pdir / "meta.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _resumable(pdir: Path) -> bool:
+    """Whether an unfinished point was cut from outside (its worker or the sweep killed, or interrupted)
+    and left a checkpoint: then it continues from there. A point that failed by itself (an exception,
+    a NaN) would fail the same way again from its checkpoint, so it starts over instead."""
+    if not (pdir / "checkpoints" / "last.safetensors").is_file():
+        return False
+    try:
+        status = json.loads((pdir / "status.json").read_text()) if (pdir / "status.json").exists() else {}
+    except (OSError, ValueError):
+        return False
+    if status and not str(status.get("error", "")).startswith("worker killed"):
+        return False
+    return _meta_status(pdir) in ("running", "interrupted", "stopped", "completed")
+
+
+def _prepare_point(sweep_dir: Path, name: str, log: Any = print) -> bool:
+    """Get a point's folder ready; True when it continues an earlier attempt from its last checkpoint.
+
+    Otherwise the point gets a fresh folder and an unfinished earlier attempt is kept aside, never deleted.
+    """
     pdir = sweep_dir / name
+    if _resumable(pdir):
+        log(f"sweep: {name} was cut off mid-run; continuing it from its last checkpoint")
+        return True
     if pdir.exists():
         n = 1
         while pdir.with_name(f"{name}.attempt{n}").exists():
             n += 1
         pdir.rename(pdir.with_name(f"{name}.attempt{n}"))
     pdir.mkdir()
-    return pdir
+    return False
 
 
 def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[float, int]], workers: int,
@@ -257,9 +291,9 @@ def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tupl
         while queue and len(running) < workers:
             value, seed = queue.pop(0)
             name = point_name(state["variable"], value, seed)
-            _prepare_point(sweep_dir, name)
+            resume = _prepare_point(sweep_dir, name, log)
             pcfg = point_config(cfg, state["variable"], value, seed, threads).model_dump(mode="json")
-            proc = ctx.Process(target=_child, args=(pcfg, name, str(sweep_dir)), daemon=False)
+            proc = ctx.Process(target=_child, args=(pcfg, name, str(sweep_dir), resume), daemon=False)
             proc.start()
             running[name] = proc
         time.sleep(0.2)
@@ -300,9 +334,9 @@ def _run_ray(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[
     refs = {}
     for value, seed in todo:
         name = point_name(state["variable"], value, seed)
-        _prepare_point(sweep_dir, name)
+        resume = _prepare_point(sweep_dir, name, log)
         pcfg = point_config(cfg, state["variable"], value, seed, cpus).model_dump(mode="json")
-        refs[remote.remote(pcfg, name, str(sweep_dir))] = name
+        refs[remote.remote(pcfg, name, str(sweep_dir), resume)] = name
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
@@ -316,9 +350,9 @@ def _run_ray(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[
         log(f"sweep: {name}: {json.loads((sweep_dir / name / 'status.json').read_text())['status']}")
 
 
-def _ray_point(cfg_json: dict[str, Any], point: str, sweep_dir: str) -> None:
+def _ray_point(cfg_json: dict[str, Any], point: str, sweep_dir: str, resume: bool) -> None:
     try:
-        run_point(cfg_json, point, sweep_dir)
+        run_point(cfg_json, point, sweep_dir, resume)
     except SystemExit:
         pass  # the failure is in status.json
 

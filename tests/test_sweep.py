@@ -140,6 +140,41 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_points(tmp_path, pro
     assert all(r["status"] == "completed" for r in table)
 
 
+def test_a_point_cut_off_mid_run_continues_from_its_checkpoint_and_ends_as_if_uninterrupted(tiny, tmp_path):
+    import shutil
+
+    from llmcli.runs import load_run_config
+    from llmcli.train import train
+
+    from .test_resume import same_weights
+    from .test_train import metric_values
+
+    name = point_name("alpha", 0.5, 0)
+    whole = sweep_alpha(tiny(*FAST, "train.checkpoint_every=5"), [0.5], workers=1, runs_dir=tmp_path / "a", **QUIET)
+    cut = tmp_path / "b" / "sweep-cut"  # the same sweep, its worker killed after step 5 of 10 (checkpoint kept)
+    (cut / name).mkdir(parents=True)
+    shutil.copy(whole / "sweep.json", cut / "sweep.json")
+    train(load_run_config(whole / name), run_dir=cut / name, stop_after=5, **QUIET)
+    (cut / name / "status.json").write_text(json.dumps({"status": "failed", "error": "worker killed by signal 9"}))
+    said = []
+    sweep_alpha(None, resume=cut, progress=False, log=said.append)
+    assert any(f"{name} was cut off mid-run; continuing it" in s for s in said)
+    assert json.loads((cut / name / "meta.json").read_text())["resumed_at_step"] == 5
+    assert json.loads((cut / name / "status.json").read_text())["resumed"] is True
+    assert metric_values(cut / name) == metric_values(whole / name) and same_weights(cut / name, whole / name)
+    assert [r["status"] for r in rows(cut)] == ["completed"] and not list(cut.glob("*.attempt*"))
+
+
+def test_a_point_that_failed_by_itself_starts_over_and_its_attempt_is_kept(tiny, tmp_path):
+    sweep = sweep_alpha(tiny(*FAST), [0.5], workers=1, runs_dir=tmp_path, **QUIET)
+    point = sweep / point_name("alpha", 0.5, 0)
+    (point / "status.json").write_text(json.dumps({"status": "failed", "error": "FloatingPointError: NaN at step 7"}))
+    sweep_alpha(None, resume=sweep, **QUIET)
+    assert (sweep / f"{point.name}.attempt1" / "checkpoints" / "last.safetensors").is_file()
+    assert json.loads((point / "meta.json").read_text())["resumed_at_step"] is None
+    assert [r["status"] for r in rows(sweep)] == ["completed"]
+
+
 def test_conditioned_mode_trains_one_run_and_scores_every_alpha(tiny, tmp_path):
     sweep = sweep_alpha(tiny("train.steps=30", "train.eval_every=30"), [0.0, 0.5, 1.0], mode="conditioned",
                         runs_dir=tmp_path, **QUIET)
