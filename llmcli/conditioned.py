@@ -1,8 +1,8 @@
 """The whole front from one run ("You Only Train Once", Dosovitskiy & Djolonga, ICLR 2020).
 
 One network is trained with alpha drawn per batch and fed to the model through FiLM layers (a
-per-channel scale and shift computed from alpha) on the token embeddings and on the backbone's
-output, both shared by the LM and classification heads. The loss of each batch is
+per-channel scale and shift computed from alpha) on the token embeddings, after every block and on the
+backbone's output, all shared by the LM and classification heads. The loss of each batch is
 alpha * L + (1 - alpha) * T with that batch's alpha. After training, setting alpha picks a point on
 the trade-off, so one run is scored at every value of a grid.
 """
@@ -22,36 +22,39 @@ from llmcli.objectives import grad_cosine
 
 
 class AlphaFiLM(nn.Module):
-    """alpha -> (scale, shift) for the embeddings and for the final states; identity at initialisation."""
+    """alpha -> a per-channel (scale, shift) at each of `sites` places in the network; identity at initialisation."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, sites: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, 4 * d_model))
+        self.sites = sites
+        self.net = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, 2 * sites * d_model))
         nn.init.zeros_(self.net[2].weight)  # start as the unconditioned model
         nn.init.zeros_(self.net[2].bias)
         self.register_buffer("alpha", torch.tensor(0.5), persistent=False)  # set per batch, not a weight
 
-    def params(self) -> tuple[torch.Tensor, ...]:
-        """(scale_in, shift_in, scale_out, shift_out), each (D,)."""
+    def params(self) -> torch.Tensor:
+        """(sites, 2, D): the scale and shift of every site."""
         a = self.alpha.reshape(1)
         feats = torch.cat([a, a.sqrt()])  # sqrt spreads the small-alpha end, where T dominates
-        return self.net(feats).chunk(4)
+        return self.net(feats).view(self.sites, 2, -1)
 
-    def modulate_input(self, x: torch.Tensor) -> torch.Tensor:
-        g, b, _, _ = self.params()
+    def modulate(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        """x * (1 + scale) + shift with this site's parameters; x (B, T, D)."""
+        g, b = self.params()[site]  # (D,), (D,)
         return x * (1 + g) + b  # (B, T, D)
-
-    def modulate_output(self, h: torch.Tensor) -> torch.Tensor:
-        _, _, g, b = self.params()
-        return h * (1 + g) + b  # (B, T, D)
 
 
 def attach_film(model: nn.Module, hidden: int) -> AlphaFiLM:
-    """Add an AlphaFiLM to a TwoHeadModel, hooked onto its backbone's embedding and output."""
-    film = AlphaFiLM(model.backbone.d_model, hidden)
+    """Add an AlphaFiLM to a TwoHeadModel, hooked onto the embedding, every block (backbones that have
+    `blocks`) and the backbone's output: alpha reaches every layer, as in YOTO, not just the ends."""
+    backbone = model.backbone
+    blocks = list(getattr(backbone, "blocks", []))
+    film = AlphaFiLM(backbone.d_model, hidden, sites=len(blocks) + 2)
     model.alpha_film = film
-    model.backbone.embed.register_forward_hook(lambda m, inp, out: film.modulate_input(out))
-    model.backbone.register_forward_hook(lambda m, inp, out: (film.modulate_output(out[0]), *out[1:]))
+    backbone.embed.register_forward_hook(lambda m, inp, out: film.modulate(out, 0))
+    for i, block in enumerate(blocks, start=1):
+        block.register_forward_hook(lambda m, inp, out, i=i: film.modulate(out, i))
+    backbone.register_forward_hook(lambda m, inp, out: (film.modulate(out[0], film.sites - 1), *out[1:]))
     return film
 
 
