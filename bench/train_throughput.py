@@ -98,7 +98,9 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
         cfg=cfg, data=data, model=model, device=dev, train_idx=idx, optimizer=opt,
         scheduler=registry("schedule").build(cfg.schedule, optimizer=opt, total_steps=cfg.train.steps),
         task_loss=registry("task_loss").build(cfg.task_loss, n_classes=4, class_counts=np.ones(4, dtype=np.int64)),
-        objective=registry("objective").build(cfg.objective), dist=Dist())
+        objective=registry("objective").build(cfg.objective), dist=Dist(),
+        dg=registry("dg").build(cfg.dg, domains=list(range(len(data.domains))), names=list(data.domains),
+                                d_model=model.cls_head.in_features, stream_domains=list(range(len(data.domains)))))
 
 
 def step_fn(sess: SimpleNamespace):
