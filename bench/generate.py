@@ -1,6 +1,6 @@
 """Generation speed on the default model: tokens/s for 500 new tokens with and without the KV cache.
 
-Usage: python bench/generate.py [--run RUN_DIR] [--steps N] [--new-tokens 500]
+Usage: python bench/generate.py [--run RUN_DIR] [--steps N] [--new-tokens 500] [--set model.d_model=256 ...]
 Without --run it trains configs/default.yaml for --steps steps in a temporary folder (the weights do not
 matter for speed, only the architecture). EOS is suppressed so every timing covers exactly --new-tokens.
 """
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=500)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads for both timings")
+    p.add_argument("--set", dest="sets", action="append", default=[],
+                   help="config override for the trained model, e.g. model.d_model=256 (repeatable)")
     a = p.parse_args()
     if a.run:
         measure(a.run, a.new_tokens, a.repeats, a.threads)
@@ -65,7 +67,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "default.yaml",
-                          [f"data.processed_dir={tmp}/processed", f"train.steps={a.steps}", f"train.eval_every={a.steps}"])
+                          [f"data.processed_dir={tmp}/processed", f"train.steps={a.steps}", f"train.eval_every={a.steps}",
+                           *a.sets])
         measure(train(cfg, runs_dir=f"{tmp}/runs", progress=False, **QUIET), a.new_tokens, a.repeats, a.threads)
 
 
