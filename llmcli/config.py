@@ -239,15 +239,20 @@ class MSELoss(Strict):
     class_weights: Literal["none", "balanced"] = "none"
 
 
-class WeightedObjective(Strict):
+class ObjectiveBase(Strict):
+    """What every objective shares: the grad_cosine probe, so runs are comparable whatever their objective."""
+
+    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+
+
+class WeightedObjective(ObjectiveBase):
     """L' = alpha * L + (1 - alpha) * T."""
 
     name: Literal["weighted"] = "weighted"
     alpha: float = Field(0.5, ge=0.0, le=1.0)
-    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
 
-class ConditionedObjective(Strict):
+class ConditionedObjective(ObjectiveBase):
     """YOTO: alpha drawn per batch in [alpha_min, alpha_max] and fed to the model; `alpha` is used at eval."""
 
     name: Literal["conditioned"] = "conditioned"
@@ -255,10 +260,9 @@ class ConditionedObjective(Strict):
     alpha_min: float = Field(0.0, ge=0.0, le=1.0)
     alpha_max: float = Field(1.0, ge=0.0, le=1.0)
     film_hidden: int = Field(64, ge=1, description="width of the FiLM network that reads alpha")
-    log_grad_every: int = Field(50, ge=0)
 
 
-class ConstrainedObjective(Strict):
+class ConstrainedObjective(ObjectiveBase):
     """min L subject to task_loss <= epsilon, or held-out acc >= beta; Lagrangian dual ascent on lambda >= 0."""
 
     name: Literal["constrained"] = "constrained"
@@ -266,7 +270,6 @@ class ConstrainedObjective(Strict):
     beta: float | None = Field(None, gt=0.0, lt=1.0, description="bound on held-out accuracy (set this or epsilon)")
     dual_lr: float = Field(0.05, gt=0.0, description="step size of the multiplier's dual ascent")
     lambda_init: float = Field(0.0, ge=0.0)
-    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
     @model_validator(mode="after")
     def _one_bound(self) -> ConstrainedObjective:
@@ -275,27 +278,24 @@ class ConstrainedObjective(Strict):
         return self
 
 
-class PCGradObjective(Strict):
+class PCGradObjective(ObjectiveBase):
     """PCGrad (Yu et al. 2020): conflicting gradients are projected onto each other's normal plane."""
 
     name: Literal["pcgrad"] = "pcgrad"
-    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
 
-class MGDAObjective(Strict):
+class MGDAObjective(ObjectiveBase):
     """MGDA (Sener & Koltun 2018): the min-norm convex combination of the two gradients."""
 
     name: Literal["mgda"] = "mgda"
-    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
 
-class UncertaintyObjective(Strict):
+class UncertaintyObjective(ObjectiveBase):
     """Kendall et al. 2018: exp(-s_lm) L + exp(-s_task) T + (s_lm + s_task) / 2, s learned."""
 
     name: Literal["uncertainty"] = "uncertainty"
     init_log_var_lm: float = 0.0
     init_log_var_task: float = 0.0
-    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
 
 
 # ---------------------------------------------------------------- domain generalisation (the `dg:` section)

@@ -102,6 +102,14 @@ def _native_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
                     f"got a {type(label).__name__} ({label!r})")
 
 
+def _file_source(kind: str, cfg: Any, rows: Callable[[Any, Path], Iterator[Record]]) -> Source:
+    """A source over one file (`cfg.path`): rows read lazily, the file's sha256 as its cache identity."""
+    from llmcli.io import sha256_file
+
+    path = _file(cfg.path)
+    return Source(kind, lambda: _nonempty(rows(cfg, path), str(path)), sha256_file(path))
+
+
 def _jsonl_rows(cfg: Any, path: Path) -> Iterator[Record]:
     for n, line in utf8_lines(path):
         if not line.strip():
@@ -120,10 +128,7 @@ def _jsonl_rows(cfg: Any, path: Path) -> Iterator[Record]:
 
 def jsonl_source(cfg: Any) -> Source:
     """Records from a JSON-lines file."""
-    from llmcli.io import sha256_file
-
-    path = _file(cfg.path)
-    return Source("jsonl", lambda: _nonempty(_jsonl_rows(cfg, path), str(path)), sha256_file(path))
+    return _file_source("jsonl", cfg, _jsonl_rows)
 
 
 def _csv_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
@@ -165,10 +170,7 @@ def _csv_rows(cfg: Any, path: Path) -> Iterator[Record]:
 
 def csv_source(cfg: Any) -> Source:
     """Records from a CSV file with a header row."""
-    from llmcli.io import sha256_file
-
-    path = _file(cfg.path)
-    return Source("csv", lambda: _nonempty(_csv_rows(cfg, path), str(path)), sha256_file(path))
+    return _file_source("csv", cfg, _csv_rows)
 
 
 def _parquet_rows(cfg: Any, path: Path) -> Iterator[Record]:
@@ -194,10 +196,7 @@ def _parquet_rows(cfg: Any, path: Path) -> Iterator[Record]:
 
 def parquet_source(cfg: Any) -> Source:
     """Records from a Parquet file, read in row batches."""
-    from llmcli.io import sha256_file
-
-    path = _file(cfg.path)
-    return Source("parquet", lambda: _nonempty(_parquet_rows(cfg, path), str(path)), sha256_file(path))
+    return _file_source("parquet", cfg, _parquet_rows)
 
 
 # ---------------------------------------------------------------- plain text files
