@@ -59,7 +59,7 @@ def attach_film(model: nn.Module, hidden: int) -> AlphaFiLM:
 
 
 class Conditioned:
-    """Weighted objective whose alpha is drawn per batch (uniform in [alpha_min, alpha_max]) and fed to the model."""
+    """Weighted objective whose alpha is drawn per batch (Beta(a, b) on [alpha_min, alpha_max]) and fed to the model."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -76,8 +76,15 @@ class Conditioned:
             self.alpha = self.cfg.alpha
         else:
             lo, hi = self.cfg.alpha_min, self.cfg.alpha_max
-            self.alpha = lo + (hi - lo) * float(torch.rand(()))
+            self.alpha = lo + (hi - lo) * self._unit_draw()
         model.alpha_film.alpha.fill_(self.alpha)
+
+    def _unit_draw(self) -> float:
+        """One draw in [0, 1] from Beta(a, b), through torch's seeded generator (uniform when a = b = 1)."""
+        a, b = self.cfg.alpha_beta
+        if a == b == 1.0:
+            return float(torch.rand(()))
+        return float(torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).sample())
 
     def backward(self, lm_loss: torch.Tensor, task_loss: torch.Tensor, shared: list, step: int) -> dict[str, float]:
         """alpha * L + (1 - alpha) * T with this batch's alpha."""
@@ -115,8 +122,9 @@ def conditioned_config(cfg: Any) -> Any:
     from llmcli.config import validate_config
 
     data = cfg.model_dump(mode="json")
-    data["objective"] = {"name": "conditioned", "alpha": 0.5,
-                         "log_grad_every": getattr(cfg.objective, "log_grad_every", 50)}
+    if cfg.objective.name != "conditioned":  # a conditioned objective given in the config is kept as it is
+        data["objective"] = {"name": "conditioned", "alpha": 0.5,
+                             "log_grad_every": getattr(cfg.objective, "log_grad_every", 50)}
     data["name"] = f"{cfg.name}-conditioned"
     return validate_config(data, "sweep (conditioned)")
 

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from llmcli.errors import UserError
 from llmcli.registry import _load_plugins, registry
@@ -253,12 +262,15 @@ class WeightedObjective(ObjectiveBase):
 
 
 class ConditionedObjective(ObjectiveBase):
-    """YOTO: alpha drawn per batch in [alpha_min, alpha_max] and fed to the model; `alpha` is used at eval."""
+    """YOTO: alpha drawn per batch from a Beta on [alpha_min, alpha_max] and fed to the model; `alpha` is used at eval."""
 
     name: Literal["conditioned"] = "conditioned"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="alpha the model is evaluated and generates at")
     alpha_min: float = Field(0.0, ge=0.0, le=1.0)
     alpha_max: float = Field(1.0, ge=0.0, le=1.0)
+    alpha_beta: tuple[PositiveFloat, PositiveFloat] = Field(
+        (3.0, 1.0), description="training alpha = alpha_min + (alpha_max - alpha_min) * Beta(a, b); (1, 1) is "
+        "uniform; the default (3, 1) draws most alphas high, where L (the slower loss) still improves")
     film_hidden: int = Field(64, ge=1, description="width of the FiLM network that reads alpha")
 
 

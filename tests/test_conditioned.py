@@ -37,3 +37,36 @@ def test_alpha_reaches_a_block_through_its_own_site():
         outs[a] = list(seen)
     assert torch.equal(outs[0.0][0], outs[1.0][0])  # the first block's output does not see alpha
     assert not torch.allclose(outs[0.0][1], outs[1.0][1])  # the second block's does
+
+
+def _draws(objective: dict, n: int = 2000) -> torch.Tensor:
+    from llmcli.conditioned import Conditioned
+    from llmcli.config import ConditionedObjective
+
+    obj = Conditioned(ConditionedObjective(**objective))
+    m = small_model()
+    attach_film(m, hidden=8)
+    torch.manual_seed(0)
+    out = []
+    for step in range(n):
+        obj.prepare(m, step)
+        out.append(obj.alpha)
+    obj.prepare(m, None)
+    assert obj.alpha == obj.cfg.alpha == float(m.alpha_film.alpha)  # evaluation uses the configured alpha
+    return torch.tensor(out)
+
+
+def test_training_alphas_follow_the_configured_beta_on_the_configured_range():
+    high = _draws({"alpha_beta": (3.0, 1.0)})  # the default
+    assert abs(float(high.mean()) - 0.75) < 0.02 and float((high < 0.5).float().mean()) < 0.16  # P(a < .5) = 1/8
+    flat = _draws({"alpha_beta": (1.0, 1.0), "alpha_min": 0.2, "alpha_max": 0.6})
+    assert 0.2 <= float(flat.min()) and float(flat.max()) <= 0.6 and abs(float(flat.mean()) - 0.4) < 0.01
+
+
+def test_the_sweep_keeps_a_conditioned_objective_given_in_the_config(tiny):
+    from llmcli.conditioned import conditioned_config
+
+    given = conditioned_config(tiny("objective.name=conditioned", "objective.alpha_beta=[1,1]"))
+    assert given.objective.alpha_beta == (1.0, 1.0)
+    default = conditioned_config(tiny())
+    assert default.objective.name == "conditioned" and default.objective.alpha_beta == (3.0, 1.0)

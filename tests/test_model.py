@@ -107,3 +107,28 @@ def test_recurrent_classification_reads_the_last_real_state():
     toks = torch.tensor([[1, 5, 6, 7, 2, 0, 0]])
     h = m(toks)
     assert torch.equal(m.pool(h, torch.tensor([5])), h[:, 4])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_functional_decoding_step_gives_the_module_forwards_states(bias):
+    """GPT._step (one token, inference, no hooks) equals the module path it stands in for, padded or not."""
+    from types import SimpleNamespace
+
+    from llmcli.models.gpt import GPT
+
+    torch.manual_seed(0)
+    m = GPT(SimpleNamespace(d_model=16, n_head=2, n_layer=2, dropout=0.0, bias=bias), 50, 32).eval()
+    ids = torch.randint(3, 50, (2, 8))
+    for pad in (None, torch.tensor([2, 0])):
+        states = []
+        for hooked in (False, True):  # a forward hook inside the backbone sends steps through the modules
+            handle = m.blocks[0].register_forward_hook(lambda *a: None) if hooked else None
+            assert m._hooked() == hooked
+            with torch.inference_mode():
+                h, cache = m(ids[:, :5], pad=pad)
+                for t in range(5, 8):
+                    h, cache = m(ids[:, t : t + 1], cache, pad=pad)
+            states.append(h)
+            if handle:
+                handle.remove()
+        assert torch.allclose(states[0], states[1], atol=1e-6)

@@ -133,6 +133,8 @@ class GPT(nn.Module):
         start = cache.length
         if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.block_size}")
+        if T == 1 and start and not torch.is_grad_enabled() and not self.training and not self._hooked():
+            return self._step(idx, cache, pad)
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         mask = None
         if pad is not None:
@@ -143,6 +145,34 @@ class GPT(nn.Module):
             x = block(x, cache, i, mask)
         cache.length = start + T
         return self.ln_f(x), cache
+
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook sits inside the backbone (e.g. the conditioned mode's FiLM): _step skips modules."""
+        return bool(self.embed._forward_hooks) or any(b._forward_hooks for b in self.blocks)
+
+    def _step(self, idx: torch.Tensor, cache: KVCache, pad: torch.Tensor | None) -> tuple[torch.Tensor, KVCache]:
+        """forward() for one new token per row in evaluation, written with functional calls on (B, D) rows.
+
+        A decoding step does ~1 us of arithmetic per op and several us of module and shape bookkeeping; this
+        path does the same arithmetic in the same order (tests compare it with forward) with fewer calls.
+        """
+        B, D = idx.shape[0], self.d_model
+        start = cache.length
+        pos = torch.full((B,), start) if pad is None else (start - pad).clamp(min=0)  # (B,)
+        mask = None if pad is None else padding_mask(pad, start, 1)  # (B, 1, 1, start+1)
+        x = F.embedding(idx[:, 0], self.embed.weight) + F.embedding(pos, self.pos.weight)  # (B, D)
+        for i, blk in enumerate(self.blocks):
+            a, (fc, _, proj, _) = blk.attn, blk.mlp
+            h = F.layer_norm(x, (D,), blk.ln1.weight, blk.ln1.bias)
+            q, k, v = F.linear(h, a.qkv.weight, a.qkv.bias).view(B, 3, a.n_head, 1, D // a.n_head).unbind(1)
+            k, v = cache.update(i, k, v)  # (B, H, start+1, Dh)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, Dh)
+            x = x + F.linear(y.reshape(B, D), a.proj.weight, a.proj.bias)
+            h = F.layer_norm(x, (D,), blk.ln2.weight, blk.ln2.bias)
+            x = x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), proj.weight, proj.bias)
+        cache.length = start + 1
+        return F.layer_norm(x, (D,), self.ln_f.weight, self.ln_f.bias)[:, None], cache  # (B, 1, D)
 
 
 def padding_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
