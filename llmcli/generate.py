@@ -100,6 +100,7 @@ def decode_steps(model: Any, rows: Sequence[Sequence[int]], s: Sampling, gen: An
     When the context fills the block, the most recent half-block is re-encoded and generation goes on.
     """
     import torch
+    from torch import nn
 
     backbone = model.backbone
     lens = [len(r) for r in rows]
@@ -116,10 +117,13 @@ def decode_steps(model: Any, rows: Sequence[Sequence[int]], s: Sampling, gen: An
         return backbone(x, cache, pad=pad) if padded else backbone(x, cache)
 
     block = backbone.block_size
+    head = model.lm_head
     with torch.inference_mode():
+        # (D, V) contiguous copy of a plain head: (B, D) @ (D, V) is ~1.5x faster than the (V, D) GEMV per token
+        head_t = head.weight.t().contiguous() if type(head) is nn.Linear and head.bias is None else None
         h, cache = run(ctx)  # prefill: the prompt is processed once
         for step in range(s.max_new_tokens):
-            logits = model.lm_head(h[:, -1]).float()  # (B, V)
+            logits = (h[:, -1] @ head_t if head_t is not None else head(h[:, -1])).float()  # (B, V)
             if step < s.min_new_tokens:
                 logits.select(1, eos_id).fill_(float("-inf"))
             nxt = sample_next(logits, s.temperature, s.top_k, s.top_p, gen)  # (B,)

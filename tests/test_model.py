@@ -132,3 +132,21 @@ def test_the_functional_decoding_step_gives_the_module_forwards_states(bias):
             if handle:
                 handle.remove()
         assert torch.allclose(states[0], states[1], atol=1e-6)
+
+
+def test_a_quantised_or_hooked_gpt_decodes_through_its_modules():
+    """decode_weights() is empty (module path) when a Linear is quantised or a hook sits in the backbone."""
+    from types import SimpleNamespace
+
+    from llmcli.models.gpt import GPT
+
+    m = GPT(SimpleNamespace(d_model=16, n_head=2, n_layer=2, dropout=0.0, bias=True), 50, 32).eval()
+    assert len(m.decode_weights()) == 2
+    q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
+    assert q.decode_weights() == []
+    ids = torch.randint(3, 50, (1, 6))
+    with torch.inference_mode():
+        h, cache = q(ids[:, :5])
+        step, cache = q(ids[:, 5:], cache)
+    # (dynamic int8 scales activations per call, so a step is not bit-comparable to a full forward)
+    assert cache.weights == [] and step.shape == (1, 1, 16) and torch.isfinite(step).all()

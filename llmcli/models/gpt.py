@@ -26,6 +26,7 @@ class KVCache:
         self.length = 0  # positions filled (the same in every layer once a forward has finished)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.weights: list[tuple] | None = None  # GPT.decode_weights(), gathered by the first one-token step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this layer's new keys/values (B, H, T, Dh); return all of them (B, H, length+T, Dh)."""
@@ -133,8 +134,11 @@ class GPT(nn.Module):
         start = cache.length
         if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.block_size}")
-        if T == 1 and start and not torch.is_grad_enabled() and not self.training and not self._hooked():
-            return self._step(idx, cache, pad)
+        if T == 1 and start and not torch.is_grad_enabled() and not self.training:
+            if cache.weights is None:
+                cache.weights = self.decode_weights()
+            if cache.weights:  # [] when a module must run as itself (hooks, quantised layers)
+                return self._step(idx, cache, pad)
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         mask = None
         if pad is not None:
@@ -155,24 +159,46 @@ class GPT(nn.Module):
         """forward() for one new token per row in evaluation, written with functional calls on (B, D) rows.
 
         A decoding step does ~1 us of arithmetic per op and several us of module and shape bookkeeping; this
-        path does the same arithmetic in the same order (tests compare it with forward) with fewer calls.
+        path does the same arithmetic (tests compare it with forward) with fewer calls, on weights gathered
+        once per cache (`decode_weights`) instead of ~60 module attribute lookups per step.
         """
         B, D = idx.shape[0], self.d_model
         start = cache.length
         pos = torch.full((B,), start) if pad is None else (start - pad).clamp(min=0)  # (B,)
         mask = None if pad is None else padding_mask(pad, start, 1)  # (B, 1, 1, start+1)
         x = F.embedding(idx[:, 0], self.embed.weight) + F.embedding(pos, self.pos.weight)  # (B, D)
-        for i, blk in enumerate(self.blocks):
-            a, (fc, _, proj, _) = blk.attn, blk.mlp
-            h = F.layer_norm(x, (D,), blk.ln1.weight, blk.ln1.bias)
-            q, k, v = F.linear(h, a.qkv.weight, a.qkv.bias).view(B, 3, a.n_head, 1, D // a.n_head).unbind(1)
+        for i, (ln1, qkv, proj, ln2, fc, fc2, H) in enumerate(cache.weights):
+            q, k, v = _linear(F.layer_norm(x, (D,), *ln1), qkv).view(B, 3, H, 1, D // H).unbind(1)  # (B, H, 1, Dh)
             k, v = cache.update(i, k, v)  # (B, H, start+1, Dh)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, Dh)
-            x = x + F.linear(y.reshape(B, D), a.proj.weight, a.proj.bias)
-            h = F.layer_norm(x, (D,), blk.ln2.weight, blk.ln2.bias)
-            x = x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias)), proj.weight, proj.bias)
+            x = x + _linear(y.reshape(B, D), proj)
+            x = x + _linear(F.gelu(_linear(F.layer_norm(x, (D,), *ln2), fc)), fc2)
         cache.length = start + 1
         return F.layer_norm(x, (D,), self.ln_f.weight, self.ln_f.bias)[:, None], cache  # (B, 1, D)
+
+    def decode_weights(self) -> list[tuple]:
+        """Per block: LayerNorm (weight, bias) pairs and Linear (weight.T contiguous, bias) pairs, and n_head.
+
+        (1, in) @ (in, out) on a contiguous transposed copy runs ~1.3x faster than F.linear's (out, in)
+        GEMV at these sizes; the copies live as long as the cache (one generation), weights do not change.
+        [] when _step cannot stand in for the modules: a forward hook inside the backbone (the conditioned
+        mode's FiLM) or a Linear that is not a plain nn.Linear (a quantised one).
+        """
+        linears = [m for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp[0], b.mlp[2])]
+        if self._hooked() or any(type(m) is not nn.Linear for m in linears):
+            return []
+
+        def lin(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return m.weight.t().contiguous(), m.bias
+
+        return [((b.ln1.weight, b.ln1.bias), lin(b.attn.qkv), lin(b.attn.proj), (b.ln2.weight, b.ln2.bias),
+                 lin(b.mlp[0]), lin(b.mlp[2]), b.attn.n_head) for b in self.blocks]
+
+
+def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """x @ W.T + b with W.T given contiguous: (B, in) -> (B, out)."""
+    wt, b = wb
+    return x @ wt if b is None else torch.addmm(b, x, wt)
 
 
 def padding_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
