@@ -75,7 +75,7 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
 
     from llmcli.config import load_config
     from llmcli.data.dataset import ProcessedData
-    from llmcli.device import resolve_device
+    from llmcli.device import keep_freed_memory, resolve_device
     from llmcli.distributed import Dist
     from llmcli.models.model import build_model
     from llmcli.registry import registry
@@ -88,6 +88,7 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
     data = ProcessedData(data_dir)
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.train)
+    keep_freed_memory()  # as train.Session does
     model = build_model(cfg.model, vocab_size=s["vocab"], n_classes=4, max_len=s["block"]).to(dev)
     if cfg.train.compile:  # as train.Session does
         model.backbone.compile(dynamic=True)

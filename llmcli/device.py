@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 from typing import Any
 
 from llmcli.errors import UserError
@@ -27,3 +30,23 @@ def autocast(device: str) -> Any:
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve blocks up to 32 MiB from the heap and keep freed memory, instead of mmap/munmap each time.
+
+    By default glibc gives every freed block above its mmap threshold (128 KiB, adapting) back to the OS, so a
+    training step page-faults its activations in afresh, zero-filled by the kernel: 7.5 % of a CPU step at the
+    throughput-bench shape (bench/train_throughput.py, A/B in docs/performance.md). This is what the
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables do, set from inside the process; the cost is that
+    the process keeps its peak heap until it exits. Returns whether it applied (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> constants
+    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**30))

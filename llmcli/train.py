@@ -26,7 +26,7 @@ class Session:
 
         from llmcli.data.dataset import ProcessedData
         from llmcli.data.preprocess import preprocess
-        from llmcli.device import resolve_device
+        from llmcli.device import keep_freed_memory, resolve_device
         from llmcli.distributed import broadcast_parameters, main_first, setup
         from llmcli.losses import class_counts
         from llmcli.models.model import build_model
@@ -38,6 +38,7 @@ class Session:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local))
         self.device = resolve_device(cfg.train)
+        keep_freed_memory()  # no page faults on every step's activations (glibc)
         self.dist = setup(self.device)
         with main_first(self.dist):  # rank 0 preprocesses (or validates the cache); the others then read it
             self.data = ProcessedData(preprocess(cfg.data, log=log))

@@ -31,3 +31,14 @@ def test_cpu_runs_without_autocast_and_cuda_under_bf16():
         warnings.simplefilter("ignore")
         ctx = autocast("cuda")
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+
+
+def test_freed_memory_is_kept_in_the_heap_on_glibc():
+    """train sets glibc's mmap/trim thresholds (no page faults per step); elsewhere it is a no-op."""
+    import platform
+    import sys
+
+    from llmcli.device import keep_freed_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
