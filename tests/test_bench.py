@@ -17,7 +17,7 @@ def _run(script: str, *args: str) -> list[dict]:
 
 
 def test_throughput_bench_takes_llmclis_own_step_and_reports_the_shape():
-    lines = _run("train_throughput.py", "--steps", "1", "--warmup", "0", "--device", "cpu")
+    lines = _run("train_throughput.py", "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu")
     assert [x["bench"] for x in lines] == ["matmul_peak", "train_throughput_tokens_per_s", "train_achieved_flops",
                                            "train_flops_vs_peak"]
     assert all(x["value"] > 0 and x["vocab"] == 8192 and x["n_layer"] == 4 for x in lines)
