@@ -273,6 +273,12 @@ class ConditionedObjective(ObjectiveBase):
         "uniform; the default (3, 1) draws most alphas high, where L (the slower loss) still improves")
     film_hidden: int = Field(64, ge=1, description="width of the FiLM network that reads alpha")
 
+    @model_validator(mode="after")
+    def _range_in_order(self) -> ConditionedObjective:
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"alpha_min {self.alpha_min} is above alpha_max {self.alpha_max}")
+        return self
+
 
 class ConstrainedObjective(ObjectiveBase):
     """min L subject to task_loss <= epsilon, or held-out acc >= beta; Lagrangian dual ascent on lambda >= 0."""

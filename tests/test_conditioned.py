@@ -70,3 +70,14 @@ def test_the_sweep_keeps_a_conditioned_objective_given_in_the_config(tiny):
     assert given.objective.alpha_beta == (1.0, 1.0)
     default = conditioned_config(tiny())
     assert default.objective.name == "conditioned" and default.objective.alpha_beta == (3.0, 1.0)
+
+
+def test_a_bad_alpha_range_or_beta_is_one_clear_error(tiny):
+    import pytest
+
+    from llmcli.errors import UserError
+
+    with pytest.raises(UserError, match=r"objective: alpha_min 0.8 is above alpha_max 0.2"):
+        tiny("objective.name=conditioned", "objective.alpha_min=0.8", "objective.alpha_max=0.2")
+    with pytest.raises(UserError, match=r"objective.alpha_beta.1: Input should be greater than 0 \(given: -1\)"):
+        tiny("objective.name=conditioned", "objective.alpha_beta=[2,-1]")
