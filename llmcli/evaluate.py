@@ -31,7 +31,6 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
     """
     import torch
 
-    from llmcli.device import keep_freed_memory
     from llmcli.losses import class_counts
     from llmcli.metrics import gaps, reliability_bins, score
     from llmcli.models.load import load_trained
@@ -44,7 +43,6 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
     t = load_trained(run_dir, which)
     cfg = t.cfg
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    keep_freed_memory()  # each batch's activations would otherwise be page-faulted in afresh (glibc)
     data, leaks = _data(run_dir, t, data_config, split, log)
     n_classes = len(data.label_names)
     counts = class_counts(data.labels[data.indices("train", data.train_domains + data.lm_only_domains)], n_classes)
