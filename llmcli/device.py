@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import sys
 from typing import Any
 
@@ -44,8 +43,7 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's, without a find_library subprocess
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> constants
