@@ -142,6 +142,9 @@ def test_a_quantised_or_hooked_gpt_decodes_through_its_modules():
 
     m = GPT(SimpleNamespace(d_model=16, n_head=2, n_layer=2, dropout=0.0, bias=True), 50, 32).eval()
     assert len(m.decode_weights()) == 2
+    handle = m.blocks[1].mlp[0].register_forward_pre_hook(lambda *a: None)  # deep inside a block
+    assert m._hooked() and m.decode_weights() == []
+    handle.remove()
     q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
     assert q.decode_weights() == []
     ids = torch.randint(3, 50, (1, 6))

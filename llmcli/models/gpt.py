@@ -150,10 +150,14 @@ class GPT(nn.Module):
         cache.length = start + T
         return self.ln_f(x), cache
 
-
     def _hooked(self) -> bool:
-        """Whether a forward hook sits inside the backbone (e.g. the conditioned mode's FiLM): _step skips modules."""
-        return bool(self.embed._forward_hooks) or any(b._forward_hooks for b in self.blocks)
+        """Whether a forward hook (or pre-hook) sits inside the backbone, e.g. the conditioned mode's FiLM, or a
+        global one: _step would skip it, so such a model decodes through its modules."""
+        from torch.nn.modules import module as nn_module
+
+        inner = [m for m in self.modules() if m is not self]
+        return (any(m._forward_hooks or m._forward_pre_hooks for m in inner)
+                or bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks))
 
     def _step(self, idx: torch.Tensor, cache: KVCache, pad: torch.Tensor | None) -> tuple[torch.Tensor, KVCache]:
         """forward() for one new token per row in evaluation, written with functional calls on (B, D) rows.
