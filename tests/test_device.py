@@ -33,12 +33,18 @@ def test_cpu_runs_without_autocast_and_cuda_under_bf16():
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
 
 
-def test_freed_memory_is_kept_in_the_heap_on_glibc():
-    """train sets glibc's mmap/trim thresholds (no page faults per step); elsewhere it is a no-op."""
+def test_training_keeps_freed_memory_in_the_heap_on_glibc(tiny, tmp_path, monkeypatch):
+    """train sets glibc's mmap/trim thresholds (no page faults per step); elsewhere the call is a no-op."""
     import platform
     import sys
 
-    from llmcli.device import keep_freed_memory
+    import llmcli.device
+    from llmcli.train import train
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is glibc
+    assert llmcli.device.keep_freed_memory() is glibc  # mallopt accepted both thresholds
+    calls = []
+    real = llmcli.device.keep_freed_memory
+    monkeypatch.setattr(llmcli.device, "keep_freed_memory", lambda: calls.append(1) or real())
+    train(tiny("train.steps=1", "train.eval_every=1"), runs_dir=tmp_path, progress=False, log=lambda m: None)
+    assert calls == [1]

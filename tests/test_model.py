@@ -128,6 +128,7 @@ def test_the_functional_decoding_step_gives_the_module_forwards_states(bias):
                 h, cache = m(ids[:, :5], pad=pad)
                 for t in range(5, 8):
                     h, cache = m(ids[:, t : t + 1], cache, pad=pad)
+            assert bool(cache.weights) != hooked  # the unhooked steps really took the functional path
             states.append(h)
             if handle:
                 handle.remove()

@@ -168,7 +168,7 @@ class GPT(nn.Module):
         """
         B, D = idx.shape[0], self.d_model
         start = cache.length
-        pos = torch.full((B,), start) if pad is None else (start - pad).clamp(min=0)  # (B,)
+        pos = torch.full((B,), start, device=idx.device) if pad is None else (start - pad).clamp(min=0)  # (B,)
         mask = None if pad is None else padding_mask(pad, start, 1)  # (B, 1, 1, start+1)
         x = F.embedding(idx[:, 0], self.embed.weight) + F.embedding(pos, self.pos.weight)  # (B, D)
         for i, (ln1, qkv, proj, ln2, fc, fc2, H) in enumerate(cache.weights):
