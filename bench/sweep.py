@@ -2,6 +2,9 @@
 
 Usage: python bench/sweep.py [--points 8] [--steps N]   (one JSON line per figure)
   sweep_vs_one_run:      wall of an exact sweep with the default workers / wall of one point alone
+  sweep_point_vs_one_run: a sweep point's median wall (its share of the cores) / one point alone (all cores)
+  sweep_floor_vs_one_run: rounds (ceil(points / workers)) x that: the ratio of a sweep without any overhead of
+                          its own; what is left above it is the sweep's scheduling and process cost
   conditioned_vs_one_run: wall of the conditioned (YOTO) run's training / wall of one point alone
   conditioned_hv_share:  hypervolume of the conditioned front / the exact front's (same reference point)
 """
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -20,8 +26,8 @@ from _common import ROOT, emit  # noqa: E402
 
 
 def main() -> None:
+    from llmcli import sweep as sw
     from llmcli.config import load_config
-    from llmcli.sweep import aggregate, collect_rows, default_workers, hypervolume, pareto_mask, reference_point, sweep_alpha
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", type=int, default=8)
@@ -39,18 +45,25 @@ def main() -> None:
         preprocess(cfg.data, log=lambda m: None)  # not part of any timing
 
         t = time.perf_counter()
-        one_dir = sweep_alpha(cfg, [0.5], workers=1, runs_dir=f"{tmp}/one", **quiet)
+        one_dir = sw.sweep_alpha(cfg, [0.5], workers=1, runs_dir=f"{tmp}/one", **quiet)
         one = time.perf_counter() - t
         one_train = json.loads((one_dir / "alpha-0.5-seed0" / "status.json").read_text())["train_wall_s"]
         emit("sweep_one_point_wall", one, "s", steps=cfg.train.steps, train_wall_s=one_train)
 
         t = time.perf_counter()
-        exact = sweep_alpha(cfg, grid, runs_dir=f"{tmp}/exact", **quiet)
+        exact = sw.sweep_alpha(cfg, grid, runs_dir=f"{tmp}/exact", **quiet)
         wall = time.perf_counter() - t
-        emit("sweep_exact_wall", wall, "s", points=len(grid), workers=default_workers(len(grid)))
+        emit("sweep_exact_wall", wall, "s", points=len(grid), workers=sw.default_workers(len(grid)))
         emit("sweep_vs_one_run", wall / one, "x", points=len(grid), target=4.5)
+        state = json.loads((exact / "sweep.json").read_text())
+        point = statistics.median(json.loads((exact / sw.point_name("alpha", a, s) / "status.json").read_text())["wall_s"]
+                                  for a in state["grid"] for s in state["seeds"])
+        rounds = math.ceil(len(grid) / sw.default_workers(len(grid)))
+        emit("sweep_point_vs_one_run", point / one, "x", point_wall_s=point,
+             threads_per_point=max(1, (os.cpu_count() or 1) // sw.default_workers(len(grid))))
+        emit("sweep_floor_vs_one_run", rounds * point / one, "x", rounds=rounds)
 
-        cond = sweep_alpha(cfg, grid, mode="conditioned", compare=exact, runs_dir=f"{tmp}/cond", **quiet)
+        cond = sw.sweep_alpha(cfg, grid, mode="conditioned", compare=exact, runs_dir=f"{tmp}/cond", **quiet)
         status = json.loads((cond / "conditioned" / "status.json").read_text())
         emit("conditioned_train_wall", status["wall_s"], "s")
         emit("conditioned_train_vs_one_run_train", status["wall_s"] / one_train, "x", target=1.3)
@@ -59,13 +72,13 @@ def main() -> None:
 
         fronts = []
         for d in (exact, cond):
-            agg = aggregate(collect_rows(d, json.loads((d / "sweep.json").read_text())))
+            agg = sw.aggregate(sw.collect_rows(d, json.loads((d / "sweep.json").read_text())))
             fronts.append(agg)
-        ref = reference_point(fronts)
+        ref = sw.reference_point(fronts)
         hv = []
         for agg in fronts:
             pts = [(a["lm_loss_in"], a["task_loss_in"]) for a in agg]
-            hv.append(hypervolume([p for p, f in zip(pts, pareto_mask(pts)) if f], ref))
+            hv.append(sw.hypervolume([p for p, f in zip(pts, sw.pareto_mask(pts)) if f], ref))
         emit("exact_hypervolume", hv[0], "", ref=list(ref))
         emit("conditioned_hypervolume", hv[1], "", ref=list(ref))
         emit("conditioned_hv_share", hv[1] / hv[0] if hv[0] else 0.0, "fraction", target=0.95)
