@@ -59,7 +59,7 @@ def main() -> None:
         point = statistics.median(json.loads((exact / sw.point_name("alpha", a, s) / "status.json").read_text())["wall_s"]
                                   for a in state["grid"] for s in state["seeds"])
         rounds = math.ceil(len(grid) / sw.default_workers(len(grid)))
-        emit("sweep_point_vs_one_run", point / one, "x", point_wall_s=point,
+        emit("sweep_point_vs_one_run", point / one, "x", point_wall_s=round(point, 2),
              threads_per_point=max(1, (os.cpu_count() or 1) // sw.default_workers(len(grid))))
         emit("sweep_floor_vs_one_run", rounds * point / one, "x", rounds=rounds)
 
