@@ -1,7 +1,8 @@
 """`llmcli sweep-alpha`: map the L-vs-T trade-off over a grid of alpha (or beta) values.
 
 Exact mode trains one run per (value, seed), each in its own child process (a crash, NaN or a killed
-worker fails that point only), `--workers` at a time with the cores split between them. Conditioned
+worker fails that point only), `--workers` at a time with the cores split between them (the points that
+would leave a last round part-empty go first and share every core: `thread_plan`). Conditioned
 mode trains ONE network with alpha drawn per batch and fed to the model (llmcli/conditioned.py), then
 scores it at every grid value.
 
@@ -89,6 +90,20 @@ def point_name(variable: str, value: float, seed: int) -> str:
 def default_workers(n_points: int) -> int:
     """Every core busy, none oversubscribed: one worker per core, at most one per point."""
     return max(1, min(n_points, os.cpu_count() or 1))
+
+
+def thread_plan(n_points: int, workers: int, cores: int) -> list[int]:
+    """Torch threads of each point, in start order.
+
+    Points run `workers` at a time on cores // workers threads each. The n_points % workers points that
+    would make a last, part-empty round go first instead and share every core among them: on 2 cores,
+    5 points cost one point on 2 threads + 2 rounds on 1 thread (~4.3 one-run walls) instead of 3 rounds on
+    1 thread (~5), since a point on one thread costs ~1.65x one on two (docs/sweeps.md).
+    """
+    workers = max(1, min(workers, n_points))
+    base = max(1, cores // workers)
+    lead = n_points % workers
+    return [max(base, cores // lead)] * lead + [base] * (n_points - lead) if lead else [base] * n_points
 
 
 # ---------------------------------------------------------------- the sweep
@@ -282,22 +297,32 @@ def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tupl
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    log(f"sweep: {len(todo)} point(s), {workers} worker(s) x {threads} thread(s)")
-    queue = list(todo)
-    running: dict[str, Any] = {}
+    cores = os.cpu_count() or 1
+    plan = thread_plan(len(todo), workers, cores)
+    base = plan[-1]
+    capacity = max(cores, min(workers, len(todo)) * base)  # more workers than cores: oversubscribed, as asked
+    lead = len(todo) - plan.count(base)
+    log(f"sweep: {len(todo)} point(s), {workers} worker(s) x {base} thread(s)"
+        + (f"; the {lead} that would leave a round part-empty go first on {plan[0]} thread(s) each" if lead else ""))
+    queue = list(zip(todo, plan))
+    running: dict[str, tuple[Any, int]] = {}  # point -> (process, its threads)
     done = 0
     while queue or running:
         while queue and len(running) < workers:
-            value, seed = queue.pop(0)
+            (value, seed), threads = queue[0]
             name = point_name(state["variable"], value, seed)
+            if _resumable(sweep_dir / name):  # continues with the threads it started with
+                threads = _saved_threads(sweep_dir / name, threads)
+            if running and sum(t for _, t in running.values()) + threads > capacity:
+                break  # wait for cores to free up
+            queue.pop(0)
             resume = _prepare_point(sweep_dir, name, log)
             pcfg = point_config(cfg, state["variable"], value, seed, threads).model_dump(mode="json")
             proc = ctx.Process(target=_child, args=(pcfg, name, str(sweep_dir), resume), daemon=False)
             proc.start()
-            running[name] = proc
+            running[name] = (proc, threads)
         time.sleep(0.2)
-        for name, proc in list(running.items()):
+        for name, (proc, _) in list(running.items()):
             if proc.is_alive():
                 continue
             proc.join()
@@ -309,6 +334,17 @@ def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tupl
             info = json.loads(status.read_text()) if status.is_file() else {"status": "failed", "error": "no status"}
             log(f"sweep: [{done}/{len(todo)}] {name}: {info['status']}"
                 + (f" ({info.get('error')})" if info["status"] != "completed" else f" in {info.get('wall_s')} s"))
+
+
+def _saved_threads(pdir: Path, default: int) -> int:
+    """The torch threads a point's run folder was started with (its config.yaml), else `default`."""
+    import yaml
+
+    try:
+        threads = yaml.safe_load((pdir / "config.yaml").read_text())["train"]["threads"]
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return default
+    return threads if isinstance(threads, int) and threads >= 1 else default
 
 
 def _check_ray() -> None:
@@ -329,14 +365,14 @@ def _run_ray(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[
     local_env = {"env_vars": {"PYTHONPATH": str(Path(llmcli.__file__).resolve().parents[1])}}
     ray.init(address=address, num_cpus=None if address else (os.cpu_count() or 1), include_dashboard=False,
              ignore_reinit_error=True, log_to_driver=False, runtime_env=None if address else local_env)
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
-    remote = ray.remote(num_cpus=cpus, max_retries=0)(_ray_point)
+    plan = thread_plan(len(todo), workers, max(1, int(ray.available_resources().get("CPU", 1))))
+    remote = ray.remote(max_retries=0)(_ray_point)
     refs = {}
-    for value, seed in todo:
+    for (value, seed), cpus in zip(todo, plan):  # Ray starts each task when its CPUs are free
         name = point_name(state["variable"], value, seed)
         resume = _prepare_point(sweep_dir, name, log)
         pcfg = point_config(cfg, state["variable"], value, seed, cpus).model_dump(mode="json")
-        refs[remote.remote(pcfg, name, str(sweep_dir), resume)] = name
+        refs[remote.options(num_cpus=cpus).remote(pcfg, name, str(sweep_dir), resume)] = name
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from llmcli.sweep import (
     point_name,
     run_point,
     sweep_alpha,
+    thread_plan,
 )
 
 from .conftest import TINY
@@ -37,7 +39,8 @@ def rows(sweep_dir):
         return list(csv.DictReader(f))
 
 
-def test_exact_sweep_writes_one_run_per_point_and_the_summary(tiny, tmp_path):
+def test_exact_sweep_writes_one_run_per_point_and_the_summary(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmcli.sweep.os.cpu_count", lambda: 2)
     sweep = sweep_alpha(tiny(*FAST), [0.0, 0.5, 1.0], runs_dir=tmp_path, workers=2, **QUIET)
     assert sweep.name.startswith("sweep-")
     table = rows(sweep)
@@ -46,12 +49,19 @@ def test_exact_sweep_writes_one_run_per_point_and_the_summary(tiny, tmp_path):
     for r in table:
         point = sweep / r["run"]
         cfg = yaml.safe_load((point / "config.yaml").read_text())
-        assert cfg["objective"]["alpha"] == float(r["value"]) and cfg["train"]["threads"] >= 1
+        # 3 points on 2 workers x 1 core: the odd one out goes first, alone on both cores
+        assert cfg["objective"]["alpha"] == float(r["value"])
+        assert cfg["train"]["threads"] == (2 if float(r["value"]) == 0.0 else 1)
         assert (point / "eval" / "test.json").is_file()
         assert 0 <= float(r["acc_in"]) <= 1 and float(r["ppl_in"]) > 1 and r["pareto"] in ("True", "False")
     assert (sweep / "pareto.png").stat().st_size > 1000
     summary = (sweep / "summary.md").read_text()
     assert "Hypervolume" in summary and "reference point" in summary and "smallest OOD gap" in summary
+    # the lead point had both cores to itself: the others started after it had finished
+    lead_done = int((sweep / "alpha-0-seed0" / "status.json").stat().st_mtime)
+    for other in ("alpha-0.5-seed0", "alpha-1-seed0"):
+        started = json.loads((sweep / other / "meta.json").read_text())["started"]
+        assert datetime.strptime(started, "%Y-%m-%dT%H:%M:%S%z").timestamp() >= lead_done
 
 
 def test_seeds_give_a_row_per_point_and_seed_and_mean_std_in_the_summary(tiny, tmp_path):
@@ -223,6 +233,27 @@ def test_ray_backend_without_ray_is_a_user_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(UserError, match="ray is not installed"):
         sweep_alpha(tiny(), [0.5], backend="ray", runs_dir=tmp_path, **QUIET)
+
+
+def test_thread_plan_runs_the_points_of_a_part_empty_round_first_on_every_core():
+    assert thread_plan(8, 2, 2) == [1] * 8
+    assert thread_plan(5, 2, 2) == [2, 1, 1, 1, 1]
+    assert thread_plan(9, 2, 2) == [2] + [1] * 8
+    assert thread_plan(20, 16, 16) == [4] * 4 + [1] * 16
+    assert thread_plan(23, 16, 16) == [2] * 7 + [1] * 16  # 14 cores for the lead: 2 points start beside them
+    assert thread_plan(3, 1, 2) == [2, 2, 2]
+    assert thread_plan(1, 2, 2) == [2]
+    assert thread_plan(3, 4, 2) == [1, 1, 1]  # more workers than cores: oversubscribed, as asked
+
+
+def test_a_resumed_point_keeps_the_threads_it_started_with(tmp_path):
+    from llmcli.sweep import _saved_threads
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"threads": 2}}))
+    assert _saved_threads(tmp_path, 1) == 2
+    (tmp_path / "config.yaml").write_text("train: [unclosed")
+    assert _saved_threads(tmp_path, 1) == 1
+    assert _saved_threads(tmp_path / "missing", 3) == 3
 
 
 def test_pareto_mask_and_hypervolume_known_answers():
