@@ -2,9 +2,10 @@
 
 Usage: python bench/sweep.py [--points 8] [--steps N]   (one JSON line per figure)
   sweep_vs_one_run:      wall of an exact sweep with the default workers / wall of one point alone
-  sweep_point_vs_one_run: a sweep point's median wall (its share of the cores) / one point alone (all cores)
-  sweep_floor_vs_one_run: rounds (ceil(points / workers)) x that: the ratio of a sweep without any overhead of
-                          its own; what is left above it is the sweep's scheduling and process cost
+  sweep_point_vs_one_run: a sweep point's median wall (on its share of the cores) / one point alone (all cores)
+  sweep_floor_vs_one_run: the points' core-seconds (wall x threads, summed) / cores / one point alone: the
+                          ratio of a sweep packed perfectly onto the cores with no overhead of its own;
+                          what the sweep measures above it is its scheduling and process cost
   conditioned_vs_one_run: wall of the conditioned (YOTO) run's training / wall of one point alone
   conditioned_hv_share:  hypervolume of the conditioned front / the exact front's (same reference point)
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -26,6 +26,8 @@ from _common import ROOT, emit  # noqa: E402
 
 
 def main() -> None:
+    import yaml
+
     from llmcli import sweep as sw
     from llmcli.config import load_config
 
@@ -56,12 +58,17 @@ def main() -> None:
         emit("sweep_exact_wall", wall, "s", points=len(grid), workers=sw.default_workers(len(grid)))
         emit("sweep_vs_one_run", wall / one, "x", points=len(grid), target=4.5)
         state = json.loads((exact / "sweep.json").read_text())
-        point = statistics.median(json.loads((exact / sw.point_name("alpha", a, s) / "status.json").read_text())["wall_s"]
-                                  for a in state["grid"] for s in state["seeds"])
-        rounds = math.ceil(len(grid) / sw.default_workers(len(grid)))
-        emit("sweep_point_vs_one_run", point / one, "x", point_wall_s=round(point, 2),
-             threads_per_point=max(1, (os.cpu_count() or 1) // sw.default_workers(len(grid))))
-        emit("sweep_floor_vs_one_run", rounds * point / one, "x", rounds=rounds)
+        walls, core_s = [], 0.0
+        for a in state["grid"]:
+            for seed in state["seeds"]:
+                pdir = exact / sw.point_name("alpha", a, seed)
+                w = json.loads((pdir / "status.json").read_text())["wall_s"]
+                walls.append(w)
+                core_s += w * yaml.safe_load((pdir / "config.yaml").read_text())["train"]["threads"]
+        point = statistics.median(walls)
+        plan = sw.thread_plan(len(walls), sw.default_workers(len(walls)), os.cpu_count() or 1)
+        emit("sweep_point_vs_one_run", point / one, "x", point_wall_s=round(point, 2), threads=sorted(set(plan)))
+        emit("sweep_floor_vs_one_run", core_s / (os.cpu_count() or 1) / one, "x", core_s=round(core_s, 1))
 
         cond = sw.sweep_alpha(cfg, grid, mode="conditioned", compare=exact, runs_dir=f"{tmp}/cond", **quiet)
         status = json.loads((cond / "conditioned" / "status.json").read_text())
