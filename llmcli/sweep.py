@@ -303,7 +303,7 @@ def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tupl
     capacity = max(cores, min(workers, len(todo)) * base)  # more workers than cores: oversubscribed, as asked
     lead = len(todo) - plan.count(base)
     log(f"sweep: {len(todo)} point(s), {workers} worker(s) x {base} thread(s)"
-        + (f"; the {lead} that would leave a round part-empty go first on {plan[0]} thread(s) each" if lead else ""))
+        + (f"; first {lead} point(s) on {plan[0]} thread(s) each, so that no round runs part-empty" if lead else ""))
     queue = list(zip(todo, plan))
     running: dict[str, tuple[Any, int]] = {}  # point -> (process, its threads)
     done = 0
