@@ -304,15 +304,13 @@ def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tupl
     lead = len(todo) - plan.count(base)
     log(f"sweep: {len(todo)} point(s), {workers} worker(s) x {base} thread(s)"
         + (f"; first {lead} point(s) on {plan[0]} thread(s) each, so that no round runs part-empty" if lead else ""))
-    queue = list(zip(todo, plan))
+    queue = point_threads(sweep_dir, state, todo, plan)
     running: dict[str, tuple[Any, int]] = {}  # point -> (process, its threads)
     done = 0
     while queue or running:
         while queue and len(running) < workers:
             (value, seed), threads = queue[0]
             name = point_name(state["variable"], value, seed)
-            if _resumable(sweep_dir / name):  # continues with the threads it started with
-                threads = _saved_threads(sweep_dir / name, threads)
             if running and sum(t for _, t in running.values()) + threads > capacity:
                 break  # wait for cores to free up
             queue.pop(0)
@@ -334,6 +332,17 @@ def _run_local(cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tupl
             info = json.loads(status.read_text()) if status.is_file() else {"status": "failed", "error": "no status"}
             log(f"sweep: [{done}/{len(todo)}] {name}: {info['status']}"
                 + (f" ({info.get('error')})" if info["status"] != "completed" else f" in {info.get('wall_s')} s"))
+
+
+def point_threads(sweep_dir: Path, state: dict[str, Any], todo: list[tuple[float, int]],
+                  plan: list[int]) -> list[tuple[tuple[float, int], int]]:
+    """Each point to run with its threads: the plan's, or for a point that continues from its checkpoint the
+    threads it started with (its run folder's config decides them, so the core budget must count those)."""
+    out = []
+    for point, threads in zip(todo, plan):
+        pdir = sweep_dir / point_name(state["variable"], *point)
+        out.append((point, _saved_threads(pdir, threads) if _resumable(pdir) else threads))
+    return out
 
 
 def _saved_threads(pdir: Path, default: int) -> int:

@@ -246,14 +246,21 @@ def test_thread_plan_runs_the_points_of_a_part_empty_round_first_on_every_core()
     assert thread_plan(3, 4, 2) == [1, 1, 1]  # more workers than cores: oversubscribed, as asked
 
 
-def test_a_resumed_point_keeps_the_threads_it_started_with(tmp_path):
-    from llmcli.sweep import _saved_threads
+def test_a_resumed_point_is_counted_with_the_threads_it_started_with(tmp_path):
+    from llmcli.sweep import point_threads
 
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"threads": 2}}))
-    assert _saved_threads(tmp_path, 1) == 2
-    (tmp_path / "config.yaml").write_text("train: [unclosed")
-    assert _saved_threads(tmp_path, 1) == 1
-    assert _saved_threads(tmp_path / "missing", 3) == 3
+    state = {"variable": "alpha"}
+    cut = tmp_path / "alpha-0.5-seed0"  # cut off mid-run, started on 1 thread, with a checkpoint
+    (cut / "checkpoints").mkdir(parents=True)
+    (cut / "checkpoints" / "last.safetensors").write_bytes(b"x")
+    (cut / "meta.json").write_text(json.dumps({"status": "running"}))
+    (cut / "config.yaml").write_text(yaml.safe_dump({"train": {"threads": 1}}))
+    (tmp_path / "alpha-1-seed0").mkdir()  # failed by itself: starts over, on the plan's threads
+    (tmp_path / "alpha-1-seed0" / "config.yaml").write_text(yaml.safe_dump({"train": {"threads": 1}}))
+    todo = [(0.0, 0), (0.5, 0), (1.0, 0)]
+    assert point_threads(tmp_path, state, todo, [2, 2, 2]) == [((0.0, 0), 2), ((0.5, 0), 1), ((1.0, 0), 2)]
+    (cut / "config.yaml").write_text("train: [unclosed")  # unreadable: the plan's threads
+    assert point_threads(tmp_path, state, todo, [2, 2, 2])[1] == ((0.5, 0), 2)
 
 
 def test_pareto_mask_and_hypervolume_known_answers():
