@@ -101,9 +101,9 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         raise UserError(f"{side_path}: not valid JSON ({exc})") from None
     if not isinstance(side, dict):
         raise UserError(f"{side_path}: expected a JSON object, got {type(side).__name__}")
-    for key, kind in (("sha256", str), ("step", int)):
+    for key, kind, what in (("sha256", str, "a string"), ("step", int, "an integer")):
         if not isinstance(side.get(key), kind):
-            raise UserError(f"{side_path}: field {key!r} is missing or not a {kind.__name__}")
+            raise UserError(f"{side_path}: field {key!r} is missing or not {what}")
     return side
 
 

@@ -13,7 +13,73 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+_METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER"}
+# options whose value is a path or a pair: the same placeholder in every command that has them
+_NAMED_METAVARS = {"--set": "KEY=VALUE", "--resume": "DIR", "--runs-dir": "DIR", "--loo-dir": "DIR",
+                   "--compare": "DIR", "--prompts-file": "FILE", "--file": "FILE", "--data": "CONFIG"}
+
+
+class PlainArgument(TyperArgument):
+    """An argument shown as click shows it: `RUN_DIR` in the usage line, no `<str>` beside it."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _usage_display_name(self) -> str:  # typer's own wraps a required one in braces: {run_dir}
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+
+class PlainOption(TyperOption):
+    """An option shown as click shows it: `--seed INTEGER`; a flag (`--json`) with no placeholder at all."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        named = next((_NAMED_METAVARS[o] for o in self.opts if o in _NAMED_METAVARS), None)
+        return self.metavar or named or _METAVARS.get(self.bare_type(), "VALUE")
+
+
+def _plain_param(param: Any) -> None:
+    """Click-style placeholders instead of typer's `<str>` / `<bool>` / `{config}`, and help text taken literally
+    (`llmcli[ray]` is no rich markup tag)."""
+    from rich.markup import escape
+
+    if isinstance(param, (PlainArgument, PlainOption)):
+        return
+    if param.help:
+        param.help = escape(param.help)
+    if isinstance(param, TyperArgument):
+        param.__class__ = PlainArgument
+        param.metavar = param.metavar or param.name.upper()
+    elif isinstance(param, TyperOption):
+        param.__class__ = PlainOption
+
+
+class PlainHelp(TyperCommand):
+    """A command whose --help shows click-style placeholders (see `_plain_param`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain_param(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_param(option)
+        return option
+
+
+def _extra_argument_hint(msg: str, args: Any) -> str:
+    """`llmcli train CONFIG train.steps=5` (Hydra style) -> point at --set."""
+    given = sys.argv[1:] if args is None else list(args)
+    dotted = [a for a in given if "=" in a and not a.startswith("-") and "." in a.split("=", 1)[0]]
+    if "unexpected extra argument" not in msg or not dotted:
+        return ""
+    return f"; to change a config value, use --set: {' '.join(f'--set {a}' for a in dotted)}"
 
 
 class OneLineErrors(TyperGroup):
@@ -38,10 +104,22 @@ class OneLineErrors(TyperGroup):
             ctx = getattr(exc, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else ""
             msg = " ".join(exc.format_message().split())
-            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            hint = _extra_argument_hint(msg, args) or (f" (see {ctx.command_path} --help)" if ctx is not None else "")
             typer.echo(f"error: {where}{msg}{hint}", err=True)
             sys.exit(exc.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_param(option)
+        return option
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:  # --version, --install-completion, --show-completion
+            _plain_param(param)
+        return params
 
 
 app = typer.Typer(
@@ -49,12 +127,28 @@ app = typer.Typer(
     cls=OneLineErrors,
     help="A command-line lab for conflicting objectives (L vs T) and mismatched generalisation (in- vs out-of-domain).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 SET_HELP = "Dotted override, repeatable: --set train.steps=100 --set model.n_layer=2"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"llmcli {version('llmcli')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the package version and exit."),
+) -> None:
+    """A command-line lab for conflicting objectives (L vs T) and mismatched generalisation (in- vs out-of-domain)."""
 
 
 def _log(msg: str) -> None:
@@ -86,6 +180,14 @@ def _guard(fn: Callable[[], Any], config: str | None = None) -> Any:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def _check_checkpoint(name: str | None) -> None:
+    """--checkpoint takes best or last (None: the command's default); one check for every command."""
+    from llmcli.errors import UserError
+
+    if name not in (None, "best", "last"):
+        raise UserError(f"--checkpoint: {name!r} is not allowed (best or last)")
 
 
 def _with_file(msg: str, config: str | None) -> str:
@@ -144,7 +246,7 @@ def train(
 
     def body() -> None:
         from llmcli.errors import UserError
-        from llmcli.train import train as run
+        from llmcli.selection import train_and_select as run  # the engine, then LODO selection if asked
 
         if resume is None and config is None:
             raise UserError("train: give a CONFIG, or --resume RUN_DIR")
@@ -158,10 +260,20 @@ def train(
         cfg = _config(config, set_, test_domains) if config else None
         if loo:
             from llmcli.loo import leave_one_out, parse_list
+            from llmcli.sweep import SweepInterrupted
 
             names = parse_list(methods, "--methods") if methods else [cfg.dg.name]
-            out = leave_one_out(cfg, names, runs_dir=runs_dir, out_dir=Path(loo_dir) if loo_dir else None,
-                                progress=progress, log=_log)
+            try:
+                out = leave_one_out(cfg, names, runs_dir=runs_dir, out_dir=Path(loo_dir) if loo_dir else None,
+                                    progress=progress, log=_log)
+            except SweepInterrupted as exc:  # the exact command that continues the table, then exit 128 + signal
+                import shlex
+
+                again = ["llmcli", "train", config, *(a for s in set_ for a in ("--set", s)), "--loo",
+                         "--methods", ",".join(names), "--loo-dir", str(exc.folder)]
+                _log(f"loo: continue with: {shlex.join(again)}")
+                typer.echo(exc.folder)
+                raise
             typer.echo((out / "loo.md").read_text(encoding="utf-8"), err=True)
             typer.echo(out)
             return
@@ -181,40 +293,47 @@ def eval_(
     data: Optional[str] = typer.Option(None, "--data", help="Score on this config's data (the run's tokenizer)."),
     text: list[str] = typer.Option([], "--text", help="Classify this text (repeatable): label + top-3."),
     file: Optional[str] = typer.Option(None, "--file", help="Classify each line of this file."),
+    no_write: bool = typer.Option(False, "--no-write", help="Print the scores only: write no eval/*.json or "
+                                  "pictures (e.g. for a read-only run folder)."),
 ) -> None:
     """Score runs on every domain of their data: per-domain metrics and the in-domain vs OOD gap."""
 
     def body() -> None:
         from rich.console import Console
 
-        from llmcli.errors import UserError
-
-        if checkpoint not in (None, "best", "last"):
-            raise UserError(f"--checkpoint: {checkpoint!r} is not allowed (best or last)")
+        _check_checkpoint(checkpoint)
         if text or file:
             from llmcli.classify import classify, read_texts
 
             texts = [*text, *(read_texts(file) if file else [])]
             for run_dir in run_dirs:
+                prefix = f"{run_dir}\t" if len(run_dirs) > 1 else ""  # several runs: say whose answer each line is
                 for r in classify(run_dir, texts, checkpoint=checkpoint):
                     top = "  ".join(f"{name} {p:.3f}" for name, p in r["top"])
-                    typer.echo(f"{r['label']}\t{top}\t{r['text']}")
+                    typer.echo(f"{prefix}{r['label']}\t{top}\t{r['text']}")
             return
-        from llmcli.evaluate import evaluate, render_comparison, render_table
+        from llmcli.evaluate import eval_stem, render_comparison, render_table, score_run, write_result
 
         console = Console(width=200)
         results = []
         for run_dir in run_dirs:
-            result = evaluate(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=_log)
+            result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=_log)
+            written = [] if no_write else write_result(Path(run_dir), result, eval_stem(split, data))
             results.append(result)
             console.print(render_table(result))
             for w in result["warnings"]:
                 _log(f"warning: {run_dir}: {w}")
+            _log(f"eval: wrote {', '.join(map(str, written))}" if written
+                 else f"eval: {run_dir}: nothing written (--no-write)")
         if len(results) > 1:
             console.print(render_comparison(results))
-        _log(f"eval: wrote eval/{split}*.json and its pictures in {', '.join(run_dirs)}")
 
     _guard(body)
+
+
+SEED_HELP = ("Sampling seed [default: the run's generate.seed, 0 unless its config sets it]. The same seed, prompts "
+             "and --num-samples give the same text every time, streamed or --json; in a larger batch (more prompts "
+             "or samples) the same prompt and seed may draw other text.")
 
 
 @app.command()
@@ -223,49 +342,71 @@ def generate(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text to continue; repeatable (one batch)."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="One prompt per line, batched."),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations per prompt."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Default: the run's config."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most probable tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n",
+                                                 help="Tokens to add at most [default: the run's generate.max_new_tokens]."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t",
+                                                help="0 = greedy [default: the run's generate.temperature]."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most probable tokens [default: the run's "
+                                        "generate.top_k]."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, in (0, 1] [default: the "
+                                          "run's generate.top_p]."),
     stop: list[str] = typer.Option([], "--stop", help="Stop a continuation at this string (repeatable)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     show_probs: Optional[int] = typer.Option(None, "--show-probs", help="Print the K most probable next tokens."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text (samples counted "
+                                 "from 1, as in the text)."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best (last when the run has no best) or last."),
 ) -> None:
     """Continue prompts with a trained model; one prompt is streamed to stdout."""
 
     def body() -> None:
-        import json
+        from llmcli.generate import check_options, read_prompts
 
-        from llmcli.generate import generate as stream
-        from llmcli.generate import generate_all, read_prompts, top_next
-
+        _check_checkpoint(checkpoint)
+        check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, show_probs=show_probs, seed=seed)
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])] or [""]
         kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
-              "top_k": top_k if top_k is not None else -1, "seed": seed, "checkpoint": checkpoint}
-        probs = top_next(run_dir, prompts, show_probs, checkpoint=checkpoint) if show_probs is not None else {}
-        if not as_json:
-            for p, top in probs.items():
-                typer.echo(f"next-token probabilities after {p!r}: " + "  ".join(f"{t!r} {q:.4f}" for t, q in top))
-        if len(prompts) == 1 and num_samples == 1 and not as_json:
-            typer.echo(prompts[0], nl=False)
-            for piece in stream(run_dir, prompts[0], **kw):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            typer.echo("")
-            return
-        done = generate_all(run_dir, prompts, num_samples=num_samples, **kw)
-        if as_json:
-            typer.echo(json.dumps({"completions": [c.as_json() for c in done],
-                                   "next_token_probs": {p: [[t, q] for t, q in top] for p, top in probs.items()}},
-                                  ensure_ascii=False))
-            return
-        for i, c in enumerate(done):  # prompt-major order: num_samples rows per prompt
-            typer.echo(f"--- prompt {i // num_samples + 1}, sample {c.sample + 1} ({c.finish})")
-            typer.echo(c.prompt + c.text)
+              "top_k": top_k if top_k is not None else -1, "seed": seed, "checkpoint": checkpoint, "log": _log}
+        _generate(run_dir, prompts, num_samples, show_probs, as_json, kw)
 
     _guard(body)
+
+
+def _generate(run_dir: str, prompts: list[str], num_samples: int, show_probs: int | None, as_json: bool,
+              kw: dict[str, Any]) -> None:
+    """`llmcli generate` once its options are checked: everything is loaded before the first character printed."""
+    import json
+
+    from llmcli.generate import generate as stream
+    from llmcli.generate import generate_all, top_next
+
+    checkpoint = kw["checkpoint"]
+    probs = top_next(run_dir, prompts, show_probs, checkpoint=checkpoint) if show_probs is not None else {}
+    if len(prompts) == 1 and num_samples == 1 and not as_json:
+        pieces = stream(run_dir, prompts[0], **kw)  # loads the run and checks the settings before printing
+        _print_probs(probs)
+        typer.echo(prompts[0], nl=False)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        typer.echo("")
+        return
+    done = generate_all(run_dir, prompts, num_samples=num_samples, **kw)
+    if as_json:
+        typer.echo(json.dumps({"completions": [c.as_json() for c in done],
+                               "next_token_probs": {p: [[t, q] for t, q in top] for p, top in probs.items()}},
+                              ensure_ascii=False))
+        return
+    _print_probs(probs)
+    for i, c in enumerate(done):  # prompt-major order: num_samples rows per prompt
+        typer.echo(f"--- prompt {i // num_samples + 1}, sample {c.sample + 1} ({c.finish})")
+        typer.echo(c.prompt + c.text)
+
+
+def _print_probs(probs: dict[str, list[tuple[str, float]]]) -> None:
+    for p, top in probs.items():
+        typer.echo(f"next-token probabilities after {p!r}: " + "  ".join(f"{t!r} {q:.4f}" for t, q in top))
 
 
 @app.command()
@@ -282,10 +423,11 @@ def compress(
         from rich.console import Console
 
         from llmcli.compress import compress as run
-        from llmcli.compress import render_report, side_by_side
+        from llmcli.compress import render_report
+        from llmcli.io import read_json_object
 
-        out = run(run_dir, quantize=quantize, prune=prune, runs_dir=runs_dir, log=_log)
-        Console(width=140, stderr=True).print(render_report(side_by_side(Path(run_dir), out, split=split, log=_log)))
+        out = run(run_dir, quantize=quantize, prune=prune, runs_dir=runs_dir, split=split, log=_log)
+        Console(width=140, stderr=True).print(render_report(read_json_object(out / "compress.json", "compress report")))
         typer.echo(out)
 
     _guard(body)
@@ -313,7 +455,7 @@ def sweep_alpha(
 
     def body() -> None:
         from llmcli.errors import UserError
-        from llmcli.sweep import SweepFailed, parse_grid, parse_seeds
+        from llmcli.sweep import SweepFailed, SweepInterrupted, parse_grid, parse_seeds
         from llmcli.sweep import sweep_alpha as run
 
         if resume is None and config is None:
@@ -335,6 +477,9 @@ def sweep_alpha(
             typer.echo(f"error: {exc}", err=True)
             typer.echo(exc.sweep_dir)
             raise typer.Exit(1) from None
+        except SweepInterrupted as exc:  # the resume command is on stderr already; the folder goes to stdout
+            typer.echo(exc.folder)
+            raise
         typer.echo(out)
 
     _guard(body, config)
@@ -384,6 +529,10 @@ def schema() -> None:
     from llmcli.config import experiment_model
 
     typer.echo(json.dumps(experiment_model().model_json_schema(), indent=2))
+
+
+for _info in app.registered_commands:  # every command gets click-style placeholders in its --help
+    _info.cls = PlainHelp if _info.cls in (None, TyperCommand) else _info.cls
 
 
 def main() -> None:

@@ -11,6 +11,9 @@ record says which layers to re-quantise at load, where the stored int8 weights a
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import shutil
 import time
 import warnings
@@ -123,20 +126,42 @@ def restore_compressed(model: nn.Module, tensors: dict[str, torch.Tensor], recor
 
 
 def compress(run_dir: str | Path, *, quantize: str | None = None, prune: float | None = None,
-             runs_dir: str | Path | None = None, checkpoint: str | None = None, log: Any = print) -> Path:
-    """Write a compressed copy of a run as a new run folder (beside it unless runs_dir) and return it."""
-    from safetensors.torch import save
+             runs_dir: str | Path | None = None, checkpoint: str | None = None, split: str = "test",
+             log: Any = print) -> Path:
+    """Write a compressed copy of a run and its side-by-side report (compress.json) as a new run folder; return it.
 
-    from llmcli.evaluate import _default_checkpoint
+    The parent is only read (its eval is computed, not written). The child is built in a hidden temp folder beside
+    its target and renamed into place once complete, so a failure or Ctrl-C leaves no run folder behind.
+    """
+    from llmcli.evaluate import SPLITS, _default_checkpoint
     from llmcli.models.load import load_trained
-    from llmcli.runs import create_run_dir, new_meta
 
     check_options(quantize, prune)
+    if split not in SPLITS:
+        raise UserError(f"--split: {split!r} is not a split (allowed: {', '.join(SPLITS)})")
     parent = Path(run_dir)
     which = checkpoint or _default_checkpoint(parent)
     t = load_trained(parent, which)
     if t.checkpoint.get("compression"):
         raise UserError(f"{parent}: already a compressed run; compress its parent {t.checkpoint['compression']['parent']}")
+    model, record = _compressed_model(t, parent, which, quantize, prune)
+    root = Path(runs_dir) if runs_dir else parent.parent
+    staging = _staging_dir(root)
+    try:
+        _write_child(staging, parent, t, model, record)
+        report = side_by_side(parent, staging, split=split, parent_checkpoint=which, log=log)
+        tag = "-".join(x for x in (quantize, f"p{round(prune * 100)}" if prune else None) if x)
+        out = _publish(staging, root, f"{t.cfg.name}-{tag}", report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written
+        raise
+    log(f"compress: wrote {out}")
+    return out
+
+
+def _compressed_model(t: Any, parent: Path, which: str, quantize: str | None,
+                      prune: float | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The parent's model pruned and/or quantised (in memory) and the sidecar's `compression` record."""
     model = t.model.cpu().eval()
     names = compressible(model)
     record: dict[str, Any] = {"parent": str(parent), "parent_checkpoint": which, "quantize": quantize, "prune": prune,
@@ -145,23 +170,58 @@ def compress(run_dir: str | Path, *, quantize: str | None = None, prune: float |
         record["sparsity"] = prune_linear(model, names, prune)
     if quantize:
         quantize_int8(model, names)
-    tag = "-".join(x for x in (quantize, f"p{round(prune * 100)}" if prune else None) if x)
-    out = create_run_dir(Path(runs_dir) if runs_dir else parent.parent, f"{t.cfg.name}-{tag}")
+    return model, record
+
+
+def _staging_dir(root: Path) -> Path:
+    """A new hidden folder in `root` to build a run in (created with the umask's mode, as run folders are)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            path = root / f".compress-{secrets.token_hex(4)}.tmp"
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise UserError(f"{root}: cannot create a run folder here ({exc.strerror})") from None
+    raise UserError(f"{root}: could not find a free temporary folder name")
+
+
+def _write_child(out: Path, parent: Path, t: Any, model: nn.Module, record: dict[str, Any]) -> None:
+    """The compressed run's files: the parent's config, tokenizer and data manifest, the checkpoint, meta.json."""
+    from safetensors.torch import save
+
+    from llmcli.runs import new_meta
+
     try:
         for name in COPIED:
             shutil.copy2(parent / name, out / name)
         (out / "checkpoints").mkdir()
-        ck = out / "checkpoints" / "best.safetensors"
-        atomic_write_bytes(ck, save(compressed_tensors(model)))
-        atomic_write_json(ck.with_suffix(".json"), {"step": t.checkpoint["step"], "compression": record,
-                                                    "sha256": sha256_file(ck)})
-        meta = new_meta(t.cfg.seed, {"name": t.cfg.name, "parent": str(parent), "compression": record,
-                                     "step": t.checkpoint["step"], "device": "cpu"})
-        atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the compressed run ({exc.strerror})") from None
+    ck = out / "checkpoints" / "best.safetensors"
+    atomic_write_bytes(ck, save(compressed_tensors(model)))
+    atomic_write_json(ck.with_suffix(".json"), {"step": t.checkpoint["step"], "compression": record,
+                                                "sha256": sha256_file(ck)})
+    meta = new_meta(t.cfg.seed, {"name": t.cfg.name, "parent": str(parent), "compression": record,
+                                 "step": t.checkpoint["step"], "device": "cpu"})
+    atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _publish(staging: Path, root: Path, name: str, report: dict[str, Any]) -> Path:
+    """Move the finished staging folder to a fresh run folder name (reserved empty by create_run_dir, then replaced)."""
+    from llmcli.runs import create_run_dir
+
+    out = create_run_dir(root, name)
+    try:
+        atomic_write_json(staging / "compress.json", {**report, "compressed": str(out)})
+        os.replace(staging, out)  # rename(2) onto the empty reserved folder: the run appears complete at once
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing half-written
+        with contextlib.suppress(OSError):
+            out.rmdir()
         raise
-    log(f"compress: wrote {out}")
     return out
 
 
@@ -178,24 +238,74 @@ def weight_bytes(run_dir: Path, which: str) -> int:
     return sum(v.numel() * v.element_size() for v in _float_state(t.model, []).values())
 
 
-def side_by_side(parent: Path, child: Path, *, split: str = "test", log: Any = print) -> dict[str, Any]:
-    """Evaluate parent and compressed run; sizes, latency and every metric per domain with the delta."""
-    from llmcli.evaluate import evaluate
+REPEATS = 5  # timed passes per model; the report keeps the median
+TIMED_EXAMPLES = 512  # examples per timed pass, spread over the split
 
-    a = evaluate(parent, split=split, plots=False, log=log)
-    b = evaluate(child, split=split, plots=False, log=log)
+
+def side_by_side(parent: Path, child: Path, *, split: str = "test", parent_checkpoint: str | None = None,
+                 log: Any = print) -> dict[str, Any]:
+    """Score parent and compressed run (writing into neither); sizes, forward latency, every metric with its delta."""
+    from llmcli.evaluate import score_run
+
+    a = score_run(parent, split=split, checkpoint=parent_checkpoint, log=log)
+    b = score_run(child, split=split, checkpoint="best", log=log)
     files = {r: r / "checkpoints" / f"{res['checkpoint']}.safetensors" for r, res in ((parent, a), (child, b))}
-    report = {
-        "parent": str(parent), "compressed": str(child), "split": split,
-        "checkpoint_bytes": {"parent": files[parent].stat().st_size, "compressed": files[child].stat().st_size},
+    timing = forward_latency({"parent": (parent, a["checkpoint"]), "compressed": (child, "best")}, split, log=log)
+    return {
+        "parent": str(parent), "parent_checkpoint": a["checkpoint"], "compressed": str(child), "split": split,
         "weight_bytes": {"parent": weight_bytes(parent, a["checkpoint"]), "compressed": weight_bytes(child, "best")},
-        "eval_seconds": {"parent": a["seconds"], "compressed": b["seconds"]},
-        "ms_per_example": {"parent": a["ms_per_example"], "compressed": b["ms_per_example"]},
+        # the parent's file also holds the optimiser state (AdamW: two moments per weight): no ratio is made of it
+        "checkpoint_bytes": {"parent": files[parent].stat().st_size, "compressed": files[child].stat().st_size},
+        "ms_per_example": timing.pop("ms_per_example"),
+        "timing": timing,
         "domains": {d: {m: {"parent": v, "compressed": b["domains"][d].get(m), "delta": _delta(b["domains"][d].get(m), v)}
                         for m, v in a["domains"][d].items()} for d in a["domains"] if d in b["domains"]},
     }
-    atomic_write_json(child / "compress.json", report)
-    return report
+
+
+def forward_latency(runs: dict[str, tuple[Path, str]], split: str, *, repeats: int = REPEATS,
+                    examples: int = TIMED_EXAMPLES, log: Any = print) -> dict[str, Any]:
+    """Median ms per example of eval's forward (backbone, LM loss, task head) for each (run, checkpoint), timed alike.
+
+    Every model gets one untimed warm-up pass first (the first call in a process pays one-time costs), then
+    `repeats` timed passes over the same prepared batches, the models' order alternating from pass to pass.
+    """
+    import statistics
+
+    import numpy as np
+
+    from llmcli.data.dataset import ProcessedData
+    from llmcli.data.preprocess import preprocess
+    from llmcli.models.load import load_trained
+
+    loaded = {k: load_trained(run, which) for k, (run, which) in runs.items()}
+    cfg = next(iter(loaded.values())).cfg
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    data = ProcessedData(preprocess(cfg.data, log=log))
+    idx = data.indices(split)
+    idx = idx[np.linspace(0, len(idx) - 1, min(examples, len(idx))).astype(int)] if len(idx) else idx
+    idx = idx[np.argsort(data.lengths(idx), kind="stable")]  # as eval batches them: similar lengths together
+    batches = [data.batch(idx[i : i + cfg.eval.batch_size]) for i in range(0, len(idx), cfg.eval.batch_size)]
+    seconds: dict[str, list[float]] = {k: [] for k in loaded}
+    for t in loaded.values():
+        _forward(t.model, batches)
+    for r in range(repeats):
+        for k in (list(loaded) if r % 2 == 0 else list(loaded)[::-1]):
+            t0 = time.perf_counter()
+            _forward(loaded[k].model, batches)
+            seconds[k].append(time.perf_counter() - t0)
+    return {"ms_per_example": {k: round(1000 * statistics.median(v) / max(len(idx), 1), 4) for k, v in seconds.items()},
+            "examples": int(len(idx)), "repeats": repeats, "threads": torch.get_num_threads(),
+            "method": "median of the timed passes after one warm-up pass per model, models alternating"}
+
+
+@torch.inference_mode()
+def _forward(model: nn.Module, batches: list[Any]) -> None:
+    """What eval computes per batch, without the bookkeeping: hidden states, LM NLL, task logits."""
+    for b in batches:
+        h = model(b.tokens)  # (B, T, D)
+        model.lm_nll(h, b.tokens, b.lengths)
+        model.cls_head(model.pool(h, b.lengths))  # (B, C)
 
 
 def _delta(new: float | None, old: float) -> float | None:
@@ -203,18 +313,34 @@ def _delta(new: float | None, old: float) -> float | None:
 
 
 def render_report(report: dict[str, Any]) -> Any:
-    """Rich tables: sizes and latency, then every metric per domain (parent, compressed, delta)."""
+    """Rich tables: weight size and latency (with ratios), checkpoint files, then every metric per domain."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
-    head = Table(title=f"{report['compressed']}  vs parent {report['parent']}")
+    timing = report["timing"]
+    head = Table(title=escape(f"{report['compressed']}  vs parent {report['parent']}"),
+                 caption=f"latency: median of {timing['repeats']} timed passes over {timing['examples']} {report['split']} "
+                         f"examples after a warm-up pass, {timing['threads']} thread(s); the parent's checkpoint "
+                         "file also holds its optimiser state, so only the weights are compared")
     for c in ("", "parent", "compressed", "ratio"):
         head.add_column(c, justify="right")
-    for key, label in (("checkpoint_bytes", "checkpoint file (bytes)"), ("weight_bytes", "model weights (bytes)"),
-                       ("eval_seconds", "eval time (s)"), ("ms_per_example", "eval latency (ms/example)")):
+    for key, label, ratio in (("weight_bytes", "model weights (bytes)", True),
+                              ("ms_per_example", "forward latency (ms/example)", True),
+                              ("checkpoint_bytes", "checkpoint file (bytes)", False)):
         p, c = report[key]["parent"], report[key]["compressed"]
-        head.add_row(label, f"{p:,}" if isinstance(p, int) else f"{p:.3f}",
-                     f"{c:,}" if isinstance(c, int) else f"{c:.3f}", f"{c / p:.3f}" if p else "-")
+        head.add_row(label, _num(p), _num(c), f"{c / p:.3f}" if ratio and p else "-")
+    return Group(head, _metrics_table(report))
+
+
+def _num(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:.4f}"
+
+
+def _metrics_table(report: dict[str, Any]) -> Any:
+    """Every metric per domain: parent, compressed and their delta."""
+    from rich.table import Table
+
     metrics = Table(title=f"metrics per domain [{report['split']} split]")
     metrics.add_column("domain")
     metrics.add_column("metric")
@@ -226,4 +352,4 @@ def render_report(report: dict[str, Any]) -> Any:
                 continue
             metrics.add_row(d, m, *(f"{x:+.4f}" if k == "delta" and x is not None else "-" if x is None else f"{x:.4f}"
                                     for k, x in v.items()))
-    return Group(head, metrics)
+    return metrics

@@ -130,30 +130,59 @@ def conditioned_config(cfg: Any) -> Any:
 
 
 def run_conditioned(cfg: Any, state: dict[str, Any], sweep_dir: Path, *, progress: bool, log: Any) -> None:
-    """Train the conditioned run (unless finished) and score it at every alpha of the grid."""
-    from llmcli.train import train
+    """Train the conditioned run (unless trained) and score it at every alpha of the grid not yet scored.
 
+    A run cut by SIGINT / SIGTERM / SIGKILL continues from its last checkpoint; one cut while being scored only
+    scores the values left. Interrupted (or KeyboardInterrupt) propagates once status.json records the cut.
+    """
     run = sweep_dir / "conditioned"
-    status = run / "status.json"
-    info = json.loads(status.read_text()) if status.is_file() else {}
-    if info.get("status") != "completed":
-        if run.exists():  # an unfinished attempt: keep it aside
-            n = 1
-            while run.with_name(f"conditioned.attempt{n}").exists():
-                n += 1
-            run.rename(run.with_name(f"conditioned.attempt{n}"))
-        run.mkdir()
-        t0 = time.perf_counter()
-        train(conditioned_config(cfg), run_dir=run, progress=progress, log=log)
-        info = {"status": "trained", "wall_s": round(time.perf_counter() - t0, 2)}
-        atomic_write_json(status, info)
+    info = _read_status(run)
+    if info.get("status") not in ("trained", "completed"):
+        info = _train(cfg, run, info, progress, log)
     t0 = time.perf_counter()
     for alpha in state["grid"]:
         out = run / "eval" / f"test-alpha-{alpha:g}.json"
         if not out.is_file():
-            evaluate_at(run, alpha, out)
+            evaluate_at(run, alpha, out)  # an atomic write: a cut evaluation leaves no file, it is redone
             log(f"sweep: conditioned run scored at alpha={alpha:g}")
-    atomic_write_json(status, {**info, "status": "completed", "eval_wall_s": round(time.perf_counter() - t0, 2)})
+    atomic_write_json(run / "status.json", {**info, "status": "completed",
+                                            "eval_wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def _read_status(run: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((run / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _train(cfg: Any, run: Path, info: dict[str, Any], progress: bool, log: Any) -> dict[str, Any]:
+    """Train (or continue) the conditioned run; status.json says `trained` after, `interrupted` if cut."""
+    from llmcli.runs import move_aside, resumable_run
+    from llmcli.selection import train_and_select as train  # the engine, then LODO selection if select_by asks
+
+    how = resumable_run(run) if run.exists() else None
+    before = float(info.get("wall_s") or 0) if how else 0.0  # the cut attempt's training time counts
+    if how is None:
+        if run.exists():  # it failed by itself (or never checkpointed): kept aside, trained afresh
+            move_aside(run)
+        run.mkdir()
+    elif how == "resume":
+        log(f"sweep: {run} was cut off mid-run; continuing it from its last checkpoint")
+    t0 = time.perf_counter()
+    try:
+        if how is None:
+            train(conditioned_config(cfg), run_dir=run, progress=progress, log=log)
+        elif how == "resume":
+            train(None, resume=run, progress=progress, log=log)
+    except KeyboardInterrupt:
+        atomic_write_json(run / "status.json", {"status": "interrupted",
+                                                "wall_s": round(before + time.perf_counter() - t0, 2)})
+        raise
+    info = {"status": "trained", "wall_s": round(before + time.perf_counter() - t0, 2)}
+    atomic_write_json(run / "status.json", info)
+    return info
 
 
 def evaluate_at(run: Path, alpha: float, out: Path) -> dict[str, Any]:

@@ -18,15 +18,32 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     ValidationError,
     create_model,
     field_validator,
     model_validator,
 )
 
+from llmcli.data.sources import MAX_CLASS_ID
 from llmcli.errors import UserError
 from llmcli.registry import _load_plugins, registry
+
+# Bounds every run-level number is checked against at load time (so `llmcli validate` catches absurd values).
+# Seeds go to torch.manual_seed (which takes up to 2**64 - 1) and numpy's SeedSequence (no negatives): 63 bits
+# keep every consumer happy, and a seed written to JSON stays an exact integer for any reader with int64.
+SEED_MAX = 2**63 - 1
+MAX_STEPS = 100_000_000  # optimiser steps (and step counts: warm-up, eval/log/checkpoint intervals)
+MAX_BATCH = 65_536  # records per (micro-)batch
+MAX_WIDTH = 16_384  # d_model and hidden widths
+MAX_POSITIONS = 1_048_576  # block sizes (positions a backbone may see)
+MAX_EXAMPLES = 1_000_000_000  # caps on records
+MAX_WEIGHT = 1e6  # loss weights, penalties, multipliers and bounds on a loss
+MAX_LR = 10.0  # step sizes of the methods' own updates (dual ascent, GroupDRO weights, MLDG's inner step)
+# Optimiser rates: a diverging rate is train.on_nan's business (the tests provoke one with lr 1e8..1e12), so the
+# bound only stops typos such as 3e40 that would overflow float32 outright.
+MAX_OPTIM_LR = 1e12
+
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description=f"an integer in [0, 2**63 - 1] ({SEED_MAX})")]
 
 
 class Strict(BaseModel):
@@ -44,8 +61,9 @@ class BibleSource(Strict):
     name: Literal["bible"] = "bible"
     versions: list[str] = Field(default_factory=lambda: ["kjv", "web", "bbe", "ylt", "wyc"], min_length=1)
     label: Literal["genre", "testament"] = "genre"
-    books: list[int] | None = Field(None, description="keep only these book numbers (1-66); all if null")
-    max_chapters_per_book: int | None = Field(None, ge=1, description="keep only the first N chapters of each book")
+    books: list[Annotated[int, Field(ge=1, le=66)]] | None = Field(
+        None, description="keep only these book numbers (1-66); all if null")
+    max_chapters_per_book: int | None = Field(None, ge=1, le=150, description="keep only the first N chapters of each book")
 
     @field_validator("versions")
     @classmethod
@@ -96,7 +114,8 @@ class TextSource(Strict):
     domain: str | None = Field(None, description="domain of every record; null = from the file or folder name")
     domain_from: Literal["file", "folder"] = Field("file", description="file stem or parent folder name as domain")
     group_by: Literal["record", "file"] = Field("record", description="split unit: each record, or each whole file")
-    label: str | int | None = Field(None, description="class of every record; null = unlabeled (LM only)")
+    label: str | Annotated[int, Field(ge=0, lt=MAX_CLASS_ID)] | None = Field(
+        None, description="class of every record; null = unlabeled (LM only)")
 
 
 class BPETokenizer(Strict):
@@ -104,7 +123,7 @@ class BPETokenizer(Strict):
 
     name: Literal["bpe"] = "bpe"
     vocab_size: int = Field(4096, ge=300, le=65000)
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: int = Field(2, ge=1, le=MAX_EXAMPLES)
 
 
 class CharTokenizer(Strict):
@@ -112,7 +131,7 @@ class CharTokenizer(Strict):
 
     name: Literal["char"] = "char"
     vocab_size: int = Field(1024, ge=5, le=65000, description="specials and <unk> included")
-    min_frequency: int = Field(1, ge=1)
+    min_frequency: int = Field(1, ge=1, le=MAX_EXAMPLES)
 
 
 class ByteTokenizer(Strict):
@@ -126,7 +145,7 @@ class SplitConfig(Strict):
 
     val: float = Field(0.1, ge=0.0, lt=1.0)
     test: float = Field(0.1, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
     field: str | None = Field(None, description="take each record's split (train/val/test) from this field")
     holdout_domains: list[str] = Field(default_factory=list, description="domains used for test only")
     duplicates: Literal["drop", "error", "keep"] | None = Field(
@@ -152,7 +171,7 @@ class SpanDelete(Strict):
 
     name: Literal["span_delete"] = "span_delete"
     p: float = Field(0.5, ge=0.0, le=1.0)
-    max_span: int = Field(3, ge=1)
+    max_span: int = Field(3, ge=1, le=4096)
 
 
 class SwapAdjacent(Strict):
@@ -173,11 +192,11 @@ class GPTConfig(Strict):
 
     name: Literal["gpt"] = "gpt"
     n_layer: int = Field(2, ge=1, le=64)
-    n_head: int = Field(4, ge=1)
-    d_model: int = Field(128, ge=8)
+    n_head: int = Field(4, ge=1, le=1024)
+    d_model: int = Field(128, ge=8, le=MAX_WIDTH)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
-    block_size: int = Field(256, ge=8, description="longest sequence (positions) the model can see")
+    block_size: int = Field(256, ge=8, le=MAX_POSITIONS, description="longest sequence (positions) the model can see")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GPTConfig:
@@ -190,9 +209,10 @@ class _RecurrentBase(Strict):
     """Fields shared by the recurrent backbones."""
 
     n_layer: int = Field(2, ge=1, le=16)
-    d_model: int = Field(128, ge=8)
+    d_model: int = Field(128, ge=8, le=MAX_WIDTH)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    block_size: int = Field(256, ge=8, description="context kept when generating (the state itself is unbounded)")
+    block_size: int = Field(256, ge=8, le=MAX_POSITIONS,
+                            description="context kept when generating (the state itself is unbounded)")
 
 
 class LSTMConfig(_RecurrentBase):
@@ -218,10 +238,10 @@ class MLPConfig(Strict):
 
     name: Literal["mlp"] = "mlp"
     context: int = Field(4, ge=1, le=64, description="tokens each prediction sees (the current one included)")
-    d_model: int = Field(128, ge=8)
-    hidden: int = Field(256, ge=8)
+    d_model: int = Field(128, ge=8, le=MAX_WIDTH)
+    hidden: int = Field(256, ge=8, le=MAX_WIDTH)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    block_size: int = Field(256, ge=8, description="longest sequence generate keeps")
+    block_size: int = Field(256, ge=8, le=MAX_POSITIONS, description="longest sequence generate keeps")
 
 
 class HFCausalConfig(Strict):
@@ -229,7 +249,8 @@ class HFCausalConfig(Strict):
 
     name: Literal["hf_causal"] = "hf_causal"
     path: str = Field(..., description="local model directory (config.json + weights); never downloaded")
-    block_size: int | None = Field(None, ge=8, description="cap on positions; null = the model's own limit")
+    block_size: int | None = Field(None, ge=8, le=MAX_POSITIONS,
+                                   description="cap on positions; null = the model's own limit")
 
 
 class CrossEntropyLoss(Strict):
@@ -251,7 +272,7 @@ class MSELoss(Strict):
 class ObjectiveBase(Strict):
     """What every objective shares: the grad_cosine probe, so runs are comparable whatever their objective."""
 
-    log_grad_every: int = Field(50, ge=0, description="log grad_cosine every N steps; 0 = never")
+    log_grad_every: int = Field(50, ge=0, le=MAX_STEPS, description="log grad_cosine every N steps; 0 = never")
 
 
 class WeightedObjective(ObjectiveBase):
@@ -261,6 +282,9 @@ class WeightedObjective(ObjectiveBase):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
 
 
+BetaParam = Annotated[float, Field(gt=0.0, le=1000.0)]
+
+
 class ConditionedObjective(ObjectiveBase):
     """YOTO: alpha drawn per batch from a Beta on [alpha_min, alpha_max] and fed to the model; `alpha` is used at eval."""
 
@@ -268,10 +292,10 @@ class ConditionedObjective(ObjectiveBase):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="alpha the model is evaluated and generates at")
     alpha_min: float = Field(0.0, ge=0.0, le=1.0)
     alpha_max: float = Field(1.0, ge=0.0, le=1.0)
-    alpha_beta: tuple[PositiveFloat, PositiveFloat] = Field(
+    alpha_beta: tuple[BetaParam, BetaParam] = Field(
         (3.0, 1.0), description="training alpha = alpha_min + (alpha_max - alpha_min) * Beta(a, b); (1, 1) is "
         "uniform; the default (3, 1) draws most alphas high, where L (the slower loss) still improves")
-    film_hidden: int = Field(64, ge=1, description="width of the FiLM network that reads alpha")
+    film_hidden: int = Field(64, ge=1, le=MAX_WIDTH, description="width of the FiLM network that reads alpha")
 
     @model_validator(mode="after")
     def _range_in_order(self) -> ConditionedObjective:
@@ -284,10 +308,10 @@ class ConstrainedObjective(ObjectiveBase):
     """min L subject to task_loss <= epsilon, or held-out acc >= beta; Lagrangian dual ascent on lambda >= 0."""
 
     name: Literal["constrained"] = "constrained"
-    epsilon: float | None = Field(None, gt=0.0, description="bound on the task loss (set this or beta)")
+    epsilon: float | None = Field(None, gt=0.0, le=MAX_WEIGHT, description="bound on the task loss (set this or beta)")
     beta: float | None = Field(None, gt=0.0, lt=1.0, description="bound on held-out accuracy (set this or epsilon)")
-    dual_lr: float = Field(0.05, gt=0.0, description="step size of the multiplier's dual ascent")
-    lambda_init: float = Field(0.0, ge=0.0)
+    dual_lr: float = Field(0.05, gt=0.0, le=MAX_LR, description="step size of the multiplier's dual ascent")
+    lambda_init: float = Field(0.0, ge=0.0, le=MAX_WEIGHT)
 
     @model_validator(mode="after")
     def _one_bound(self) -> ConstrainedObjective:
@@ -312,8 +336,9 @@ class UncertaintyObjective(ObjectiveBase):
     """Kendall et al. 2018: exp(-s_lm) L + exp(-s_task) T + (s_lm + s_task) / 2, s learned."""
 
     name: Literal["uncertainty"] = "uncertainty"
-    init_log_var_lm: float = 0.0
-    init_log_var_task: float = 0.0
+    # the loss weights are exp(-s): beyond +-30 they under/overflow float32 arithmetic in any useful sense
+    init_log_var_lm: float = Field(0.0, ge=-30.0, le=30.0)
+    init_log_var_task: float = Field(0.0, ge=-30.0, le=30.0)
 
 
 # ---------------------------------------------------------------- domain generalisation (the `dg:` section)
@@ -329,30 +354,30 @@ class GroupDROConfig(Strict):
     """GroupDRO (Sagawa et al. 2020): per-domain weights q <- q * exp(eta * loss_d), renormalised."""
 
     name: Literal["group_dro"] = "group_dro"
-    eta: float = Field(0.01, gt=0.0, description="step size of the exponentiated-gradient update of the weights")
+    eta: float = Field(0.01, gt=0.0, le=MAX_LR, description="step size of the exponentiated-gradient update of the weights")
 
 
 class IRMConfig(Strict):
-    """IRMv1 (Arjovsky et al. 2019): mean per-domain loss + lambda * |grad of the loss wrt a dummy scale|^2."""
+    """IRMv1 (Arjovsky et al. 2019): mean per-domain loss + lambda * penalty (DomainBed's even/odd gradient product)."""
 
     name: Literal["irm"] = "irm"
-    penalty_weight: float = Field(100.0, ge=0.0, description="lambda once the warm-up is over")
-    anneal_steps: int = Field(100, ge=0, description="steps with lambda = 1 before penalty_weight applies")
+    penalty_weight: float = Field(100.0, ge=0.0, le=MAX_WEIGHT, description="lambda once the warm-up is over")
+    anneal_steps: int = Field(100, ge=0, le=MAX_STEPS, description="steps with lambda = 1 before penalty_weight applies")
 
 
 class CORALConfig(Strict):
     """Deep CORAL (Sun & Saenko 2016): pooled-feature mean and covariance aligned between domain pairs."""
 
     name: Literal["coral"] = "coral"
-    weight: float = Field(1.0, ge=0.0, description="weight of the alignment penalty")
+    weight: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="weight of the alignment penalty")
 
 
 class MLDGConfig(Strict):
     """MLDG (Li et al. 2018): meta-train on all but one train domain, meta-test on it after one inner step."""
 
     name: Literal["mldg"] = "mldg"
-    inner_lr: float = Field(0.01, gt=0.0, description="step size of the virtual meta-train update")
-    beta: float = Field(1.0, ge=0.0, description="weight of the meta-test loss")
+    inner_lr: float = Field(0.01, gt=0.0, le=MAX_LR, description="step size of the virtual meta-train update")
+    beta: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="weight of the meta-test loss")
 
 
 class DANNConfig(Strict):
@@ -363,42 +388,45 @@ class DANNConfig(Strict):
     """
 
     name: Literal["dann"] = "dann"
-    weight: float = Field(0.1, ge=0.0, description="weight of the domain-classification loss")
-    reversal: float = Field(1.0, ge=0.0, description="scale of the reversed gradient reaching the features")
-    hidden: int = Field(64, ge=1, description="width of the domain classifier's hidden layer")
+    weight: float = Field(0.1, ge=0.0, le=MAX_WEIGHT, description="weight of the domain-classification loss")
+    reversal: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="scale of the reversed gradient reaching the features")
+    hidden: int = Field(64, ge=1, le=MAX_WIDTH, description="width of the domain classifier's hidden layer")
 
 
 # ---------------------------------------------------------------- optimisers and schedules
+
+
+AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # torch.optim.Adam's own range for each moment's decay
 
 
 class AdamWConfig(Strict):
     """AdamW; weight decay only on matrices (not on norms, biases or embeddings)."""
 
     name: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-3, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
+    lr: float = Field(3e-3, gt=0.0, le=MAX_OPTIM_LR)
+    betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=MAX_WEIGHT)
 
 
 class AdamConfig(Strict):
     """Adam (L2 weight decay through the gradient, on matrices only)."""
 
     name: Literal["adam"] = "adam"
-    lr: float = Field(3e-3, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    lr: float = Field(3e-3, gt=0.0, le=MAX_OPTIM_LR)
+    betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=MAX_WEIGHT)
 
 
 class SGDConfig(Strict):
     """SGD with momentum."""
 
     name: Literal["sgd"] = "sgd"
-    lr: float = Field(0.1, gt=0.0)
+    lr: float = Field(0.1, gt=0.0, le=MAX_OPTIM_LR)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=MAX_WEIGHT)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> SGDConfig:
@@ -411,7 +439,7 @@ class CosineSchedule(Strict):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
 
     name: Literal["cosine"] = "cosine"
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
 
 
@@ -419,7 +447,7 @@ class LinearSchedule(Strict):
     """Linear warm-up, then linear decay to min_lr_ratio * lr."""
 
     name: Literal["linear"] = "linear"
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
 
 
@@ -427,7 +455,7 @@ class ConstantSchedule(Strict):
     """Linear warm-up, then a constant rate."""
 
     name: Literal["constant"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
 
 
 # ---------------------------------------------------------------- run-level concerns
@@ -436,19 +464,21 @@ class ConstantSchedule(Strict):
 class TrainConfig(Strict):
     """The training loop."""
 
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_every: int = Field(200, ge=1, description="validate every N steps (and at the end)")
+    steps: int = Field(1000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    eval_every: int = Field(200, ge=1, le=MAX_STEPS, description="validate every N steps (and at the end)")
     checkpoint_every: int | None = Field(
-        None, ge=1, description="also write a resumable checkpoints/last every N steps; null = at eval steps only"
+        None, ge=1, le=MAX_STEPS,
+        description="also write a resumable checkpoints/last every N steps; null = at eval steps only"
     )
     on_nan: Literal["stop", "skip_batch"] = Field(
         "stop", description="a NaN/Inf loss: stop the run (status failed) or skip that batch's update"
     )
-    val_max_examples: int | None = Field(512, ge=1, description="per-domain cap on validation records")
-    log_every: int = Field(10, ge=1)
-    grad_clip: float | None = Field(1.0, gt=0.0)
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size summed into one optimiser step")
+    val_max_examples: int | None = Field(512, ge=1, le=MAX_EXAMPLES, description="per-domain cap on validation records")
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
+    grad_clip: float | None = Field(1.0, gt=0.0, le=MAX_WEIGHT)
+    grad_accum_steps: int = Field(1, ge=1, le=MAX_BATCH,
+                                  description="micro-batches of batch_size summed into one optimiser step")
     init_from: str | None = Field(None, description="run folder whose backbone + LM head weights start this run")
     freeze: list[str] = Field(default_factory=list, description="parts not trained: embedding, backbone, lm_head, cls_head")
     sampler: Literal["proportional", "balanced"] = Field(
@@ -459,40 +489,40 @@ class TrainConfig(Strict):
     exclude_domains: list[str] = Field(
         default_factory=list, description="train domains left out of training (set by leave-one-domain-out selection)")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores (shared among torchrun ranks)")
+    threads: int | None = Field(None, ge=1, le=4096,
+                                description="torch CPU threads; null = all cores (shared among torchrun ranks)")
     compile: bool = Field(False, description="torch.compile the backbone (pays a compile at start; see docs/performance.md)")
 
 
 class EvalConfig(Strict):
     """`llmcli eval`."""
 
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     checkpoint: Literal["best", "last"] = "best"
-    max_examples: int | None = Field(None, ge=1, description="per-domain cap; null = the whole split")
+    max_examples: int | None = Field(None, ge=1, le=MAX_EXAMPLES, description="per-domain cap; null = the whole split")
+
+
+# Sampling bounds, shared with the `llmcli generate` options (llmcli/generate.py checks the flags against them).
+MAX_NEW_TOKENS = 1_000_000
+MAX_TEMPERATURE = 100.0  # beyond this every distribution is uniform to float32 precision
+MAX_TOP_K = 1_000_000  # no vocabulary is larger
 
 
 class GenerateConfig(Strict):
     """`llmcli generate` defaults (each overridable on the command line)."""
 
-    max_new_tokens: int = Field(100, ge=1)
-    temperature: float = Field(0.8, ge=0.0)
-    top_k: int | None = Field(50, ge=1)
+    max_new_tokens: int = Field(100, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE)
+    top_k: int | None = Field(50, ge=1, le=MAX_TOP_K)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SweepConfig(Strict):
     """`llmcli sweep-alpha` defaults."""
 
-    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
-
-    @field_validator("alphas")
-    @classmethod
-    def _in_unit_interval(cls, v: list[float]) -> list[float]:
-        bad = [a for a in v if not 0.0 <= a <= 1.0]
-        if bad:
-            raise ValueError(f"every alpha must be in [0, 1], got {bad}")
-        return v
+    alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
 
 
 class DataBase(Strict):
@@ -524,7 +554,7 @@ class ExperimentBase(Strict):
     """Top-level fields besides the concerns."""
 
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _records_fit_the_model(self) -> ExperimentBase:
@@ -673,8 +703,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean", "list": "a list",
+          "NoneType": "null", "dict": "a mapping"}
+
+
+def kind_of(value: Any) -> str:
+    """What a YAML value is, in words: 'an integer', 'a list', 'null'."""
+    name = type(value).__name__
+    return _KINDS.get(name, f"a value of type {name}")
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a UserError."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a config file (give the YAML file itself)")
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
@@ -689,7 +731,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         raise UserError(f"{path}: the file is empty; expected a mapping of sections (data, model, train, ...)")
     if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections, got a {type(data).__name__}")
+        raise UserError(f"{path}: the top level must be a mapping of sections, got {kind_of(data)}")
     return data
 
 
@@ -711,7 +753,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
                 where = ".".join(parts[: i + 1])
-                raise UserError(f"--set {item!r}: {where} is a {type(nxt).__name__}, not a section")
+                raise UserError(f"--set {item!r}: {where} is {kind_of(nxt)} ({nxt!r}), not a section")
             node = nxt
         node[parts[-1]] = value
     return data
@@ -811,11 +853,25 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> BaseModel
         raise UserError(format_error(source, data, err)) from None
 
 
+def _swap_hint(msg: str, overrides: list[str]) -> str:
+    """A hint when `--set SECTION.name=X` kept keys of the old component that X does not have."""
+    for item in overrides:
+        key, _, value = (x.strip() for x in item.partition("="))
+        section = key.removesuffix(".name")
+        if key.endswith(".name") and section in COMPONENT_FIELDS and f": {section}." in msg and ": unknown key" in msg:
+            return (f"{msg}; --set {key}={value} keeps the other keys of the file's {section} section: replace the "
+                    f"whole section instead, e.g. --set '{section}={{name: {value}}}' (its other keys are optional)")
+    return msg
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseModel:
     """Read, override and validate an experiment config."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides or [])
-    return validate_config(data, str(path) + (" (with --set)" if overrides else ""))
+    try:
+        return validate_config(data, str(path) + (" (with --set)" if overrides else ""))
+    except UserError as exc:
+        raise UserError(_swap_hint(str(exc), overrides or [])) from None
 
 
 def is_field_message(msg: str) -> bool:

@@ -47,6 +47,9 @@ class DGMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state."""
 
+    def end_step(self) -> None:
+        """Called once per optimiser step, after all its micro-batches (default: nothing)."""
+
 
 class ERM(DGMethod):
     """The task loss pooled over every labeled row, whatever its domain."""
@@ -61,19 +64,34 @@ class ERM(DGMethod):
 
 def group_dro_update(q: torch.Tensor, losses: torch.Tensor, present: torch.Tensor, eta: float) -> torch.Tensor:
     """One exponentiated-gradient step: q_d <- q_d exp(eta * loss_d) for domains present, renormalised."""
+    if not bool(torch.isfinite(losses).all()):  # a NaN batch (skipped by train.on_nan) must not poison q for good
+        return q
     q = q * torch.exp(eta * losses * present)
     return q / q.sum()
 
 
 class GroupDRO(DGMethod):
-    """Sagawa et al. 2020: T = sum_d q_d T_d, with q pushed toward the domains with the highest loss."""
+    """Sagawa et al. 2020: T = sum_d q_d T_d, with q pushed toward the domains with the highest loss.
 
-    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str]) -> None:
+    q moves once per optimiser step. With one micro-batch per step (train.grad_accum_steps = 1) q is updated
+    from that batch's losses and then weighs them, the order of Sagawa et al.'s Algorithm 1 and DomainBed.
+    With k > 1 micro-batches the weights must be fixed before the step's later batches are seen: every
+    micro-batch weighs with the q of the start of the step, and end_step() updates q once from each domain's
+    mean loss over the micro-batches it appeared in.
+    """
+
+    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str], grad_accum_steps: int = 1) -> None:
         super().__init__(cfg, domains, names)
         self.q = torch.full((len(self.domains),), 1.0 / len(self.domains))
+        self.accum = grad_accum_steps
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sum = torch.zeros(len(self.domains))  # (K,) summed per-domain losses of this step's micro-batches
+        self._seen = torch.zeros(len(self.domains))  # (K,) how many of them held the domain
 
     def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
-        """Update q from this batch's per-domain losses, then weight them by q."""
+        """Weight this batch's per-domain losses by q (updating q first when a step is a single micro-batch)."""
         pairs = per_domain(out, batch, loss_fn, self.domains)
         if not pairs:
             return out["task_loss"], {}
@@ -81,12 +99,25 @@ class GroupDRO(DGMethod):
         present = torch.zeros(len(self.domains))
         for k, v in pairs:
             losses[k], present[k] = float(v.detach()), 1.0
-        self.q = group_dro_update(self.q, losses, present, self.cfg.eta)
+        if self.accum == 1:
+            self.q = group_dro_update(self.q, losses, present, self.cfg.eta)
+        else:
+            self._sum += losses
+            self._seen += present
         loss = sum(float(self.q[k]) * v for k, v in pairs)
         return loss, {f"dro_q_{n}": float(w) for n, w in zip(self.names, self.q)}
 
+    def end_step(self) -> None:
+        """With k > 1 micro-batches: one update of q from the step's mean per-domain losses."""
+        if self.accum > 1 and bool(self._seen.any()):
+            mean = self._sum / self._seen.clamp(min=1.0)  # (K,); absent domains: 0, and present = 0 keeps them
+            self.q = group_dro_update(self.q, mean, (self._seen > 0).float(), self.cfg.eta)
+        self._reset()
+
     def state_dict(self) -> dict[str, Any]:
         """The domain weights."""
+        # the in-progress sums are not saved: train.py writes a checkpoint only between optimiser steps, after
+        # end_step() has folded the step into q (a SIGINT/SIGTERM only sets a flag read at the step boundary)
         return {"q": self.q.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -99,29 +130,38 @@ class GroupDRO(DGMethod):
 
 
 def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, loss_fn: Any) -> torch.Tensor:
-    """IRMv1: squared gradient of the domain's loss with respect to a dummy classifier scale w = 1."""
+    """IRMv1 penalty, unbiased: product of the loss gradients wrt a dummy scale w = 1 on the even and odd rows.
+
+    ||dR/dw||^2 squared on one sample is biased upward by Var/n (positive even where the classifier is optimal
+    for the domain); the product of two independent halves is not (Arjovsky et al. 2019, Sec. 3.2 / App. D;
+    DomainBed's IRM._irm_penalty). One value may be negative. Needs two rows or more.
+    """
     scale = torch.ones((), device=logits.device, requires_grad=True)
-    (grad,) = torch.autograd.grad(loss_fn(logits * scale, labels), [scale], create_graph=True)
-    return grad**2
+    (g_even,) = torch.autograd.grad(loss_fn(logits[::2] * scale, labels[::2]), [scale], create_graph=True)
+    (g_odd,) = torch.autograd.grad(loss_fn(logits[1::2] * scale, labels[1::2]), [scale], create_graph=True)
+    return g_even * g_odd
 
 
 class IRM(DGMethod):
-    """Arjovsky et al. 2019: mean per-domain loss + lambda * mean IRMv1 penalty; lambda = 1 during warm-up."""
+    """Arjovsky et al. 2019 (IRMv1), as in DomainBed's IRM.update: T = mean_d R_d + lambda * mean_d penalty_d.
+
+    lambda = 1 for the first anneal_steps optimiser steps, then penalty_weight. T is not rescaled by 1/lambda
+    (the IRM paper's colored-MNIST script rescales its one whole loss; here T is weighed against L by the
+    objective, so a rescale would cut the task's weight and hand MGDA / PCGrad / a constraint T/lambda).
+    """
 
     def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
-        """Per-domain risks and penalties; after the warm-up the sum is divided by lambda (as DomainBed does)."""
+        """Mean per-domain risk (domains with a labeled row) + lambda * mean penalty (domains with two or more)."""
         rows = [(batch.domains == d) & (batch.labels >= 0) for d in self.domains]
         rows = [r for r in rows if bool(r.any())]
         if not rows:
             return out["task_loss"], {}
         z, y = out["logits"], batch.labels
         risk = torch.stack([loss_fn(z[r], y[r]) for r in rows]).mean()
-        penalty = torch.stack([irm_penalty(z[r], y[r], loss_fn) for r in rows]).mean()
+        pens = [irm_penalty(z[r], y[r], loss_fn) for r in rows if int(r.sum()) >= 2]
+        penalty = torch.stack(pens).mean() if pens else torch.zeros((), device=z.device)
         lam = self.cfg.penalty_weight if step >= self.cfg.anneal_steps else 1.0
-        loss = risk + lam * penalty
-        if lam > 1.0:  # keeps the gradient scale when lambda jumps
-            loss = loss / lam
-        return loss, {"irm_penalty": float(penalty.detach()), "irm_lambda": lam}
+        return risk + lam * penalty, {"irm_penalty": float(penalty.detach()), "irm_lambda": lam}
 
 
 # ---------------------------------------------------------------- CORAL
@@ -276,9 +316,10 @@ def build_erm(cfg: Any, **_: Any) -> ERM:
     return ERM(cfg, [], [])
 
 
-def build_group_dro(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> GroupDRO:
-    """GroupDRO."""
-    return GroupDRO(cfg, domains, names)
+def build_group_dro(cfg: Any, *, domains: Sequence[int], names: Sequence[str], grad_accum_steps: int = 1,
+                    **_: Any) -> GroupDRO:
+    """GroupDRO; grad_accum_steps (train.grad_accum_steps) decides when q moves."""
+    return GroupDRO(cfg, domains, names, grad_accum_steps)
 
 
 def build_irm(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> IRM:

@@ -23,27 +23,54 @@ NEAR_LN_C = 0.95  # task loss above this share of ln(C) means the classifier is 
 
 
 def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
-             data_config: str | Path | None = None, plots: bool = True, log: Any = print) -> dict[str, Any]:
+             data_config: str | Path | None = None, plots: bool = True, write: bool = True,
+             log: Any = print) -> dict[str, Any]:
     """Per-domain metrics, gaps and warnings for one split; written to RUN_DIR/eval/<split>.json and returned.
 
     data_config: score on another data config's split instead (through the run's own tokenizer); the result
-    then goes to RUN_DIR/eval/<split>-<config stem>.json.
+    then goes to RUN_DIR/eval/<split>-<config stem>.json. write=False: only return it (nothing in RUN_DIR changes).
     """
+    result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data_config, log=log)
+    if write:
+        write_result(Path(run_dir), result, eval_stem(split, data_config), plots=plots)
+    return result
+
+
+def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
+              data_config: str | Path | None = None, log: Any = print) -> dict[str, Any]:
+    """The eval result of one run and split, computed without writing anything into the run folder."""
     import torch
 
-    from llmcli.losses import class_counts
-    from llmcli.metrics import gaps, reliability_bins, score
     from llmcli.models.load import load_trained
-    from llmcli.registry import registry
 
     if split not in SPLITS:
         raise UserError(f"--split: {split!r} is not a split (allowed: {', '.join(SPLITS)})")
     run_dir = Path(run_dir)
     which = checkpoint or _default_checkpoint(run_dir)
     t = load_trained(run_dir, which)
-    cfg = t.cfg
-    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    torch.set_num_threads(t.cfg.train.threads or torch.get_num_threads())
     data, leaks = _data(run_dir, t, data_config, split, log)
+    per_domain, details, seconds = _score_domains(t, data, split)
+    return {
+        "run": str(run_dir),
+        "split": split,
+        "data": str(data_config) if data_config else "run",
+        "checkpoint": which,
+        "step": t.checkpoint["step"],
+        **selection(t.cfg, which),
+        **_judged(t, data, split, per_domain, details, leaks),
+        "seconds": round(seconds, 2),
+        "ms_per_example": round(1000 * seconds / max(sum(m["n"] for m in per_domain.values()), 1), 4),
+    }
+
+
+def _score_domains(t: Any, data: Any, split: str) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """metrics.score per domain of `split` (capped at eval.max_examples); the probabilities/golds; seconds taken."""
+    from llmcli.losses import class_counts
+    from llmcli.metrics import score
+    from llmcli.registry import registry
+
+    cfg = t.cfg
     n_classes = len(data.label_names)
     counts = class_counts(data.labels[data.indices("train", data.train_domains + data.lm_only_domains)], n_classes)
     task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
@@ -56,17 +83,18 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
         if len(idx):
             details[d] = {}
             per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss, details=details[d])
-    seconds = time.perf_counter() - t0
+    return per_domain, details, time.perf_counter() - t0
+
+
+def _judged(t: Any, data: Any, split: str, per_domain: dict[str, Any], details: dict[str, Any],
+            leaks: int) -> dict[str, Any]:
+    """In-domain / OOD / held-out domains, the gaps, warnings, confusion matrices and reliability bins."""
+    from llmcli.metrics import gaps, reliability_bins
+
     # in-domain = what the run trained on (less excluded domains), also when scoring another config's data
-    in_dom = [d for d in t.manifest["train_domains"] if d in per_domain and d not in cfg.train.exclude_domains]
+    in_dom = [d for d in t.manifest["train_domains"] if d in per_domain and d not in t.cfg.train.exclude_domains]
     labeled = {d: x for d, x in details.items() if "golds" in x}
-    result = {
-        "run": str(run_dir),
-        "split": split,
-        "data": str(data_config) if data_config else "run",
-        "checkpoint": which,
-        "step": t.checkpoint["step"],
-        **selection(cfg, which),
+    return {
         "in_domain": in_dom,
         "out_of_domain": [d for d in per_domain if d not in in_dom],
         # held out entirely (--test-domains / data.split.holdout_domains): never trained on, never validated on
@@ -77,15 +105,29 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
         "warnings": sanity_warnings(split, per_domain, labeled, data.label_names, leaks),
         "confusion": {d: _confusion(x, len(data.label_names)) for d, x in labeled.items()},
         "calibration": {d: reliability_bins(x["probs"], x["golds"]) for d, x in labeled.items()},
-        "seconds": round(seconds, 2),
-        "ms_per_example": round(1000 * seconds / max(sum(m["n"] for m in per_domain.values()), 1), 4),
     }
-    stem = split if not data_config else f"{split}-{Path(data_config).stem}"
-    (run_dir / "eval").mkdir(exist_ok=True)
-    atomic_write_json(run_dir / "eval" / f"{stem}.json", result)
-    if plots:
-        draw(run_dir, result, stem)
-    return result
+
+
+def eval_stem(split: str, data_config: str | Path | None = None) -> str:
+    """The file stem of an eval result: <split>, or <split>-<config stem> when scored on another config's data."""
+    return split if not data_config else f"{split}-{Path(data_config).stem}"
+
+
+NO_WRITE_HINT = "`llmcli eval --no-write` prints the scores without writing"
+
+
+def write_result(run_dir: Path, result: dict[str, Any], stem: str, *, plots: bool = True) -> list[Path]:
+    """Write eval/<stem>.json and, with plots, its pictures and curves.png; returns the files written."""
+    out = Path(run_dir) / "eval" / f"{stem}.json"
+    try:
+        out.parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out.parent}: cannot write the eval result here ({exc.strerror}); {NO_WRITE_HINT}") from None
+    try:
+        atomic_write_json(out, result)
+        return [out, *(draw(Path(run_dir), result, stem) if plots else [])]
+    except UserError as exc:  # e.g. a read-only eval/ folder: say how to get the scores anyway
+        raise UserError(f"{exc}; {NO_WRITE_HINT}") from None
 
 
 def draw(run_dir: Path, result: dict[str, Any], stem: str) -> list[Path]:
@@ -173,8 +215,11 @@ def _default_checkpoint(run_dir: Path) -> str:
 TABLE_COLS = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "macro_recall", "ece")
 
 
+GAP_HEADER = "gap_acc (in − OOD)"
+
+
 def render_table(result: dict[str, Any]) -> Any:
-    """A rich table: one row per domain, the gap to the in-domain score beside acc."""
+    """A rich table: one row per domain, the gap to the in-domain score beside acc, the gap's sign explained."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -182,9 +227,9 @@ def render_table(result: dict[str, Any]) -> Any:
     chosen += " - an upper bound, not a headline" if result.get("upper_bound") else ""
     # escaped: rich would read "[test split, ...]" as a markup tag and drop it
     table = Table(title=escape(f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
-                               f"step {result['step']}, selected by {chosen}]"))
+                               f"step {result['step']}, selected by {chosen}]"), caption=gap_caption())
     table.add_column("domain")
-    for c in (*TABLE_COLS, "gap_acc"):
+    for c in (*TABLE_COLS, GAP_HEADER):
         table.add_column(c, justify="right")
     for d, m in result["domains"].items():
         gap = result["gap"].get(d, {}).get("gap_acc")
@@ -193,8 +238,25 @@ def render_table(result: dict[str, Any]) -> Any:
         table.add_row(name, *[_fmt(m.get(c)) for c in TABLE_COLS], _fmt(gap))
     if "mean" in result["gap"]:
         mean = result["gap"]["mean"]
-        table.add_row("mean OOD gap", "", *[_fmt(mean.get(f"gap_{c}")) for c in TABLE_COLS[1:]], _fmt(mean.get("gap_acc")))
+        table.add_row("mean OOD gap (in − OOD)", "", *[_fmt(mean.get(f"gap_{c}")) for c in TABLE_COLS[1:]],
+                      _fmt(mean.get("gap_acc")))
+        # the same sign means opposite things per metric: say which side is "OOD is worse" under each number
+        table.add_row("  OOD is worse if", "", *[ood_worse_if(c) for c in TABLE_COLS[1:]], ood_worse_if("acc"))
     return table
+
+
+def ood_worse_if(metric: str) -> str:
+    """The sign of gap_<metric> (in-domain − OOD) that means the OOD score is worse: > 0 for accuracies, < 0 for losses."""
+    from llmcli.metrics import HIGHER_IS_BETTER
+
+    return "> 0" if metric in HIGHER_IS_BETTER else "< 0"
+
+
+def gap_caption() -> str:
+    """What the gap numbers of the eval table are and which sign is bad, per kind of metric."""
+    return ("gap = in-domain − OOD: per OOD domain in the gap_acc column, their mean in the last rows; "
+            "OOD is worse where a gap is > 0 for acc, macro_f1, macro_recall and < 0 for lm_loss, ppl, bpb, "
+            "task_loss, ece")
 
 
 def _fmt(x: Any) -> str:
@@ -212,13 +274,15 @@ def render_comparison(results: list[dict[str, Any]]) -> Any:
     """One table for several runs: rows = runs, columns = in-domain and mean out-of-domain metrics and gaps."""
     from rich.table import Table
 
-    table = Table(title=f"{len(results)} runs  [{results[0]['split']} split]")
+    table = Table(title=f"{len(results)} runs  [{results[0]['split']} split]",
+                  caption="in / ood: means over the in-domain / OOD domains; "
+                          "gap_acc = in-domain − OOD acc (mean over OOD domains): > 0 means OOD is worse")
     table.add_column("run")
     for c in COMPARE_COLS:
         table.add_column(f"in {c}", justify="right")
     for c in COMPARE_COLS:
         table.add_column(f"ood {c}", justify="right")
-    table.add_column("gap_acc", justify="right")
+    table.add_column(GAP_HEADER, justify="right")
     for r in results:
         table.add_row(Path(r["run"]).name, *[_fmt(v) for v in _side(r, r["in_domain"])],
                       *[_fmt(v) for v in _side(r, r["out_of_domain"])], _fmt(r["gap"].get("mean", {}).get("gap_acc")))

@@ -9,12 +9,15 @@ other backbones get one batch per prompt (its samples all have the same length).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmcli.errors import UserError
+from llmcli.config import MAX_BATCH, MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, SEED_MAX
+from llmcli.errors import UserError, too_big
+
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -39,7 +42,11 @@ class Sampling:
 
 @dataclass
 class Completion:
-    """One generated continuation: the prompt it continues, its text and why it ended (eos, stop, length)."""
+    """One generated continuation: the prompt it continues, its text and why it ended (eos, stop, length).
+
+    `sample` is the 0-based index among the prompt's num_samples; what a person or script reads (the text
+    headers and `--json`) counts from 1.
+    """
 
     prompt: str
     sample: int
@@ -50,20 +57,38 @@ class Completion:
 
     def as_json(self) -> dict[str, Any]:
         """The JSON-able record `--json` prints."""
-        return {"prompt": self.prompt, "sample": self.sample, "text": self.text, "finish": self.finish,
+        return {"prompt": self.prompt, "sample": self.sample + 1, "text": self.text, "finish": self.finish,
                 "n_tokens": len(self.tokens)}
+
+
+def in_range(flag: str, value: float | None, low: float, high: float, note: str = "") -> None:
+    """Reject a flag's value outside [low, high] (NaN included: it fails every comparison)."""
+    if value is not None and not low <= value <= high:
+        bounds = ", ".join(str(x) if isinstance(x, int) else f"{x:g}" for x in (low, high))
+        raise UserError(f"--{flag}: must be in [{bounds}]{note}, got {value}")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_tokens: int) -> None:
     """Reject sampling settings outside their ranges (one line each)."""
-    if temperature < 0:
-        raise UserError(f"--temperature: must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k: must be >= 1, got {top_k}")
+    in_range("temperature", temperature, 0, MAX_TEMPERATURE, " (0 = greedy)")
+    in_range("top-k", top_k, 1, MAX_TOP_K)
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p: must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    in_range("max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+
+
+def check_options(*, num_samples: int = 1, max_new_tokens: int | None = None, temperature: float | None = None,
+                  top_k: int | None = None, top_p: float | None = None, show_probs: int | None = None,
+                  seed: int | None = None) -> None:
+    """`llmcli generate`'s numbers, checked before anything is loaded or printed (None = the run's config)."""
+    in_range("num-samples", num_samples, 1, MAX_BATCH)
+    in_range("max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    in_range("temperature", temperature, 0, MAX_TEMPERATURE, " (0 = greedy)")
+    in_range("top-k", top_k, 1, MAX_TOP_K)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p: must be in (0, 1], got {top_p}")
+    in_range("show-probs", show_probs, 1, MAX_TOP_K)
+    in_range("seed", seed, 0, SEED_MAX)
 
 
 def sample_next(logits: Any, temperature: float, top_k: int | None, top_p: float, gen: Any) -> Any:
@@ -167,8 +192,12 @@ def visible(c: Completion, s: Sampling) -> str:
     return text[:-1] if text.endswith("\ufffd") else text  # wait until a multi-byte character is complete
 
 
-def _prompt_ids(tok: Any, prompt: str, block: int) -> list[int]:
+def _prompt_ids(tok: Any, prompt: str, block: int, log: Log | None = None) -> list[int]:
+    """BOS + the prompt's tokens, cut to the last `block` (the model sees no more); `log` hears of a cut."""
     ids = [tok.bos_id, *tok.encode_batch([prompt])[0]] if prompt else [tok.bos_id]
+    if len(ids) > block and log is not None:
+        log(f"warning: prompt {prompt[:30]!r}{'...' * (len(prompt) > 30)} is {len(ids)} tokens (BOS included); "
+            f"the model sees only its last {block} (model.block_size)")
     return ids[-block:]
 
 
@@ -177,7 +206,8 @@ def _load(run_dir: str | Path, checkpoint: str) -> Any:
 
     run_dir = Path(run_dir)
     which = checkpoint if (run_dir / "checkpoints" / f"{checkpoint}.safetensors").is_file() else "last"
-    return load_trained(run_dir, which)
+    with too_big(f"{run_dir}: its model (model.* in config.yaml)"):
+        return load_trained(run_dir, which)
 
 
 def settings(cfg: Any, *, max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = -1,
@@ -193,35 +223,42 @@ def settings(cfg: Any, *, max_new_tokens: int | None = None, temperature: float 
 
 
 def complete(t: Any, prompts: Sequence[str], s: Sampling, *, num_samples: int = 1, seed: int = 0,
-             use_cache: bool = True) -> Iterator[list[Completion]]:
+             use_cache: bool = True, log: Log | None = None) -> Iterator[list[Completion]]:
     """Generate for a loaded run; yields the completions of one batch at a time, filled in step by step.
 
     The same list is yielded after every step (streaming reads it); each batch ends when every row finished.
+    `log` is told when a prompt is longer than the model's context.
     """
     import torch
 
-    if num_samples < 1:
-        raise UserError(f"--num-samples: must be >= 1, got {num_samples}")
+    check_options(num_samples=num_samples, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     tok, model = t.tokenizer, t.model
     jobs = [(p, k) for p in prompts for k in range(num_samples)]
     # one batch for all prompts when the backbone takes left padding; otherwise one batch per prompt
     per_prompt = [jobs[i:i + num_samples] for i in range(0, len(jobs), num_samples)]
     batches = [jobs] if takes_padding(model.backbone) else per_prompt
+    encoded: dict[str, list[int]] = {}  # each distinct prompt encoded (and warned about) once
     for batch in batches:
         rows = [Completion(p, k) for p, k in batch]
-        ids = [_prompt_ids(tok, p, model.backbone.block_size) for p, _ in batch]
-        for nxt in decode_steps(model, ids, s, gen, pad_id=tok.pad_id, eos_id=tok.eos_id, use_cache=use_cache):
-            for c, x in zip(rows, nxt.tolist()):
-                if not c.finish:
-                    _add(c, x, tok, s)
-            yield rows
-            if all(c.finish for c in rows):
-                break
+        for p, _ in batch:
+            if p not in encoded:
+                encoded[p] = _prompt_ids(tok, p, model.backbone.block_size, log)
+        ids = [encoded[p] for p, _ in batch]
+        steps = decode_steps(model, ids, s, gen, pad_id=tok.pad_id, eos_id=tok.eos_id, use_cache=use_cache)
+        with too_big(f"--num-samples {num_samples} x {len(prompts)} prompt(s) ({len(rows)} rows in one batch)"):
+            for nxt in steps:
+                for c, x in zip(rows, nxt.tolist()):
+                    if not c.finish:
+                        _add(c, x, tok, s)
+                yield rows
+                if all(c.finish for c in rows):
+                    break
 
 
 def generate_all(run_dir: str | Path, prompts: Sequence[str], *, num_samples: int = 1, seed: int | None = None,
-                 checkpoint: str = "best", use_cache: bool = True, **overrides: Any) -> list[Completion]:
+                 checkpoint: str = "best", use_cache: bool = True, log: Log | None = None,
+                 **overrides: Any) -> list[Completion]:
     """Every completion of every prompt (num_samples each), generated in batches."""
     if not prompts:
         raise UserError("generate: no prompts given")
@@ -230,7 +267,7 @@ def generate_all(run_dir: str | Path, prompts: Sequence[str], *, num_samples: in
     out: list[Completion] = []
     last: list[Completion] = []
     for rows in complete(t, prompts, s, num_samples=num_samples, seed=t.cfg.generate.seed if seed is None else seed,
-                         use_cache=use_cache):
+                         use_cache=use_cache, log=log):
         if rows is not last:  # a new batch began: the previous one is done
             out += last
             last = rows
@@ -238,12 +275,21 @@ def generate_all(run_dir: str | Path, prompts: Sequence[str], *, num_samples: in
 
 
 def generate(run_dir: str | Path, prompt: str, *, seed: int | None = None, checkpoint: str = "best",
-             use_cache: bool = True, **overrides: Any) -> Iterator[str]:
-    """Yield text pieces continuing `prompt` until EOS, a stop string or max_new_tokens (settings default to the config)."""
+             use_cache: bool = True, log: Log | None = None, **overrides: Any) -> Iterator[str]:
+    """Text pieces continuing `prompt` until EOS, a stop string or max_new_tokens (settings default to the config).
+
+    The run is loaded and the settings checked now, so a bad run or value fails before the caller prints anything.
+    """
     t = _load(run_dir, checkpoint)
     s = settings(t.cfg, **overrides)
+    rows = complete(t, [prompt], s, seed=t.cfg.generate.seed if seed is None else seed, use_cache=use_cache, log=log)
+    return _pieces(rows, s)
+
+
+def _pieces(rows: Iterator[list[Completion]], s: Sampling) -> Iterator[str]:
+    """The newly visible text of a one-row generation, step by step."""
     shown = ""
-    for (c,) in complete(t, [prompt], s, seed=t.cfg.generate.seed if seed is None else seed, use_cache=use_cache):
+    for (c,) in rows:
         text = visible(c, s)
         if len(text) > len(shown):
             yield text[len(shown):]
@@ -255,12 +301,11 @@ def top_next(run_dir: str | Path, prompts: Sequence[str], k: int, *,
     """Per prompt: the k most probable next tokens (temperature 1) with their probabilities."""
     import torch
 
-    if k < 1:
-        raise UserError(f"--show-probs: must be >= 1, got {k}")
+    check_options(show_probs=k)
     t = _load(run_dir, checkpoint)
     out = {}
     for prompt in prompts:
-        ids = _prompt_ids(t.tokenizer, prompt, t.model.backbone.block_size)
+        ids = _prompt_ids(t.tokenizer, prompt, t.model.backbone.block_size)  # generation itself warns of a cut
         with torch.inference_mode():
             h, _ = t.model.backbone(torch.tensor([ids]))  # (1, T, D)
             probs = t.model.lm_head(h[:, -1]).float().softmax(-1)[0]  # (V,)

@@ -1,24 +1,59 @@
-"""Atomic file writes and small file helpers: a reader never sees a half-written file."""
+"""Atomic file writes and small file helpers: a reader never sees a half-written file.
+
+Temporary files and folders are created with mode 0666 / 0777 and the kernel applies the umask (and any
+default ACL), as ordinary tools do: `tempfile.mkstemp` / `mkdtemp` would make them 0600 / 0700 whatever the
+umask, and once renamed into place colleagues on a shared machine could not read a run or reuse a data cache.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
 
+_TRIES = 100  # random names tried before giving up (a clash is a 1 in 2**48 event)
+
+
+def _temp_name(folder: Path, prefix: str, suffix: str) -> Path:
+    # os.urandom, not secrets: tests patch secrets.token_hex to force run-folder name clashes
+    return folder / f"{prefix}{os.urandom(6).hex()}{suffix}"
+
+
+def create_temp_file(folder: Path, prefix: str, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new, exclusively created file in `folder` (mode 0666 & ~umask); returns its descriptor and path."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(_TRIES):
+        path = _temp_name(Path(folder), prefix, suffix)
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: no free temporary file name")
+
+
+def create_temp_dir(folder: Path, prefix: str) -> Path:
+    """A new, exclusively created folder in `folder` (mode 0777 & ~umask), to fill and rename into place."""
+    for _ in range(_TRIES):
+        path = _temp_name(Path(folder), prefix, "")
+        try:
+            path.mkdir(0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: no free temporary folder name")
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync, then rename over `path` (mode 0666 & ~umask)."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = create_temp_file(path.parent, f".{path.name}.")
     except OSError as exc:
-        raise UserError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+        raise UserError(f"{path.parent}: cannot write here ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

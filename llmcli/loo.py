@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +75,17 @@ def fold_config(cfg: Any, method: str, held: str, domains: list[str]) -> Any:
 
 def leave_one_out(cfg: Any, methods: list[str], *, runs_dir: str | Path = "runs", out_dir: Path | None = None,
                   progress: bool = False, log: Any = print) -> Path:
-    """Train and evaluate every (method, held-out domain) cell; finished cells are kept on a re-run of OUT_DIR."""
+    """Train and evaluate every (method, held-out domain) cell; finished cells are kept on a re-run of OUT_DIR.
+
+    A cell cut by SIGINT / SIGTERM (or SIGKILL) continues from its last checkpoint on the re-run; one cut
+    while being evaluated is only evaluated. On a signal this raises SweepInterrupted naming the folder.
+    """
     from llmcli.registry import registry
     from llmcli.runs import create_run_dir
+    from llmcli.sweep import SweepInterrupted, raise_interrupted, signals_to
 
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), "--loo-dir")
     unknown = [m for m in methods if m not in registry("dg").names()]
     if unknown:
         raise UserError(f"--methods: unknown dg {unknown} (valid: {', '.join(registry('dg').names())})")
@@ -86,29 +95,62 @@ def leave_one_out(cfg: Any, methods: list[str], *, runs_dir: str | Path = "runs"
         raise UserError(f"--loo: needs at least three labeled domains in the data (given: {candidates})")
     folds = {(m, d): fold_config(cfg, m, d, domains) for m in methods for d in candidates}  # all checked first
     out = Path(out_dir) if out_dir else create_run_dir(Path(runs_dir), f"{cfg.name}-loo")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--loo-dir: {out}: cannot create it ({exc.strerror})") from None
+    log(f"loo: {out}: {len(methods)} method(s) x {len(candidates)} held-out domain(s) = {len(folds)} cell(s)")
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for (m, d), fcfg in folds.items():
         log(f"loo: {m}, held-out {d}")
-        cells.setdefault(m, {})[d] = _cell(fcfg, out / m / d, d, progress)
+        try:
+            with signals_to(raise_interrupted):  # training has its own handler; this covers the evaluation
+                cells.setdefault(m, {})[d] = _cell(fcfg, out / m / d, d, progress, log)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            msg = (f"loo: stopped by {signal.Signals(signum).name} at ({m}, held-out {d}); finished cells are kept "
+                   f"and the cut one continues from its last checkpoint when the same command is run with "
+                   f"--loo-dir {out}")
+            log(msg)
+            raise SweepInterrupted(signum, msg, out) from None
     write_table(out, cfg, methods, candidates, cells)
     return out
 
 
-def _cell(cfg: Any, run: Path, held: str, progress: bool) -> dict[str, Any]:
-    """Train (unless done) and evaluate one cell; its held-out accuracy and the in-domain one."""
-    import shutil
+def check_out_dir(path: Path, flag: str) -> None:
+    """A folder that exists or can be created, and is writable; else a UserError naming `flag` (nothing created)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag}: {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag}: {path}: {existing} is a file, not a folder")
+    try:  # a real write, not os.access: root passes access checks a read-only mount still refuses
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag}: {path}: cannot write in {existing} ({exc.strerror})") from None
 
+
+def _cell(cfg: Any, run: Path, held: str, progress: bool, log: Any = print) -> dict[str, Any]:
+    """Train (unless done), continue (if cut) and evaluate one cell; its held-out accuracy and the in-domain one."""
     from llmcli.evaluate import evaluate
-    from llmcli.train import train
+    from llmcli.runs import move_aside, resumable_run
+    from llmcli.selection import train_and_select as train  # the engine, then LODO selection if select_by asks
 
     result_file = run / "cell.json"
     if result_file.is_file():
         return read_json(result_file, "loo cell")
-    if run.exists():  # an interrupted cell: train it again from scratch
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
-    train(cfg, run_dir=run, progress=progress, log=lambda m: None)
+    how = resumable_run(run) if run.exists() else None
+    if how == "resume":
+        log(f"loo: {run} was cut off mid-run; continuing it from its last checkpoint")
+        train(None, resume=run, progress=progress, log=lambda m: None)
+    elif how is None:
+        if run.exists():  # failed by itself or cut before its first checkpoint: kept aside, trained afresh
+            move_aside(run)
+        run.mkdir(parents=True)
+        train(cfg, run_dir=run, progress=progress, log=lambda m: None)
     res = evaluate(run, log=lambda m: None)
     ind = [res["domains"][d]["acc"] for d in res["in_domain"] if "acc" in res["domains"].get(d, {})]
     cell = {"acc": res["domains"][held]["acc"], "acc_in": sum(ind) / len(ind) if ind else None,
@@ -135,8 +177,26 @@ def write_table(out: Path, cfg: Any, methods: list[str], held: list[str], cells:
              f"selected by `{select_by}`{note}; {cfg.train.steps} steps, seed {cfg.seed}.", "",
              "| method | " + " | ".join(held) + " | avg |", "|---" * (len(held) + 2) + "|"]
     lines += ["| " + " | ".join([r["method"], *(f"{r[d]:.3f}" for d in held), f"{r['avg']:.3f}"]) + " |" for r in rows]
+    lines += ["", *_gap_table(methods, held, cells)]
     atomic_write_text(out / "loo.md", "\n".join(lines) + "\n")
     atomic_write_json(out / "loo.json", {"select_by": select_by, "held_out": held, "cells": cells})
+
+
+def _gap_table(methods: list[str], held: list[str], cells: dict[str, Any]) -> list[str]:
+    """loo.md's second table: in-domain minus held-out accuracy per cell, with what its sign means."""
+    def gap(c: dict[str, Any]) -> float | None:
+        return c["acc_in"] - c["acc"] if c.get("acc_in") is not None else None
+
+    lines = ["Accuracy gap, in-domain − held-out (the in-domain accuracy is the test accuracy on the domains the "
+             "cell trained on):", "", "| method | " + " | ".join(held) + " | avg |", "|---" * (len(held) + 2) + "|"]
+    for m in methods:
+        gaps = [gap(cells[m][d]) for d in held]
+        known = [g for g in gaps if g is not None]
+        avg = sum(known) / len(known) if known else None
+        lines.append("| " + " | ".join([m, *("-" if g is None else f"{g:+.3f}" for g in [*gaps, avg])]) + " |")
+    return lines + ["", "A positive gap means the held-out domain is less accurate than the trained-on ones (worse out "
+                    "of domain); a negative one that it is more accurate. (For a lower-is-better metric such as "
+                    "perplexity the same in − OOD difference reads the other way: positive = OOD better.)"]
 
 
 def read_table(out: Path) -> list[dict[str, str]]:

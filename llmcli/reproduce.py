@@ -83,10 +83,21 @@ def compare(recorded: list[tuple[int, dict[str, Any]]], rerun: list[dict[str, An
     return None
 
 
+def _no_resume_advice(log: Any, tmp: str) -> Any:
+    """`log`, minus training's "continue with --resume <dir>" advice about the temporary re-run, which is deleted."""
+
+    def filtered(msg: str) -> None:
+        if tmp in msg and "--resume" in msg:
+            return  # the folder named there is gone when reproduce returns; the user's own run is untouched
+        log(msg)
+
+    return filtered
+
+
 def reproduce(run_dir: str | Path, *, steps: int | None = None, atol: float = 0.0, log: Any = print) -> Comparison:
     """Re-run RUN_DIR's config for its first `steps` steps (default: as far as the run got) and compare."""
     from llmcli.runs import load_run_config
-    from llmcli.train import train
+    from llmcli.selection import train_and_select as train  # the engine, then LODO selection if select_by asks
 
     run_dir = Path(run_dir)
     if not (atol >= 0 and math.isfinite(atol)):
@@ -101,9 +112,10 @@ def reproduce(run_dir: str | Path, *, steps: int | None = None, atol: float = 0.
     k = steps or reached
     if k < 1:
         raise UserError(f"{run_dir}: the run recorded no step to reproduce")
-    log(f"reproduce: re-running {run_dir} for {k} of {cfg.train.steps} steps")
+    log(f"reproduce: re-running {run_dir} for {k} of {cfg.train.steps} steps in a temporary folder (deleted after)")
     with tempfile.TemporaryDirectory(prefix="llmcli-reproduce-") as tmp:
-        rerun = train(cfg, runs_dir=tmp, progress=False, log=log, stop_after=k if k < cfg.train.steps else None)
+        rerun = train(cfg, runs_dir=tmp, progress=False, log=_no_resume_advice(log, tmp),
+                      stop_after=k if k < cfg.train.steps else None)
         fresh = [rec for _, rec in read_metrics(rerun / "metrics.jsonl")]
     mine = [(n, r) for n, r in recorded if r["step"] <= k]
     return Comparison(len(mine), k, compare(mine, fresh, atol, str(metrics)))

@@ -81,6 +81,8 @@ def load_run_config(run_dir: Path) -> Any:
     from llmcli.config import load_config
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, not a run folder")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder not found")
     if not (run_dir / "config.yaml").is_file():
@@ -113,3 +115,30 @@ def kept_metrics(path: Path, step: int) -> str:
         if rec["step"] <= step:
             kept.append(raw.decode("utf-8") + "\n")
     return "".join(kept)
+
+
+def meta_status(pdir: Path) -> str | None:
+    """The status in a run folder's meta.json (None when it is missing or unreadable)."""
+    try:
+        return json.loads((pdir / "meta.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resumable_run(run: Path) -> str | None:
+    """How an unfinished run folder continues: "resume" (train --resume from its last checkpoint), "evaluate"
+    (its training completed: only the evaluation is left) or None (no checkpoint, or it failed by itself)."""
+    if not (run / "checkpoints" / "last.safetensors").is_file():
+        return None
+    status = meta_status(run)
+    if status == "completed":
+        return "evaluate"
+    return "resume" if status in ("running", "interrupted", "stopped") else None
+
+
+def move_aside(run: Path) -> Path:
+    """Rename an unfinished attempt to <name>.attemptN (kept, never deleted); returns the new path."""
+    n = 1
+    while run.with_name(f"{run.name}.attempt{n}").exists():
+        n += 1
+    return run.rename(run.with_name(f"{run.name}.attempt{n}"))

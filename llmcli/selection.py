@@ -4,6 +4,9 @@ With train domains D1..DK, K auxiliary runs each train on all but Di (`train.exc
 config and seed) and are validated on Di, a domain they never saw. At each evaluation step the K held-out
 scores (the run's objective score on Di's validation records) are averaged; the main run's checkpoint at
 the step with the lowest average becomes `best`. No domain the run is tested on is ever looked at.
+
+This sits above the engine (`llmcli.train`): `train_and_select` checks the domains, trains the main run (the
+engine keeps a checkpoint per validated step, since select_by is not a rule it applies itself), then selects.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from llmcli.errors import UserError
-from llmcli.io import append_jsonl
+from llmcli.io import append_jsonl, read_json
+from llmcli.train import train
 
 
 def aux_config(cfg: Any, left_out: str) -> Any:
@@ -47,11 +51,27 @@ def check_domains(cfg: Any, train_domains: list[str]) -> None:
                         "data.train_domains (each auxiliary run keeps two)")
 
 
+def train_and_select(cfg: Any, **kw: Any) -> Path:
+    """`llmcli train`: `llmcli.train.train(cfg, **kw)`, then leave-one-domain-out selection when
+    train.select_by asks for it (and the run completed); the run's folder."""
+    seen: dict[str, Any] = {}
+
+    def setup(sess: Any) -> None:  # the resumed run's own config, once its session is set up
+        if sess.cfg.train.select_by == "leave_one_domain_out":
+            check_domains(sess.cfg, sess.train_domains)  # before the run folder is written
+        seen["sess"] = sess
+
+    out = train(cfg, on_setup=setup, **kw)
+    sess = seen["sess"]
+    done = read_json(out / "meta.json", "run meta")["status"] == "completed"
+    if sess.cfg.train.select_by == "leave_one_domain_out" and done and sess.dist.main:
+        select_leave_one_domain_out(out, sess.cfg, sess.train_domains, sess.objective, log=kw.get("log", print))
+    return out
+
+
 def select_leave_one_domain_out(run_dir: Path, cfg: Any, train_domains: list[str], objective: Any,
                                 log: Any = print) -> int:
     """Train the K leave-one-out runs under RUN/lodo/, copy the chosen step's checkpoint to best; return the step."""
-    from llmcli.train import train
-
     check_domains(cfg, train_domains)
     per_domain = []
     for d in train_domains:

@@ -76,6 +76,16 @@ CONFIGS = {
     "splits leave nothing to train on": ("data: {split: {val: 0.6, test: 0.5}}\n", ["data.split", "below 1"]),
     "component name not a string": ("model: {name: {a: 1}}\n", ["model.name", "unknown model {'a': 1}"]),
     "odd key in the message stays one line": ('"a\\nb": 1\n', ["'a\\nb': unknown key"]),
+    "negative seed": ("seed: -1\n", ["seed", "greater than or equal to 0"]),
+    "seed beyond 64 bits": ("seed: 18446744073709551616\n", ["seed", "less than or equal to 9223372036854775807"]),
+    "negative split seed": ("data: {split: {seed: -7}}\n", ["data.split.seed", "greater than or equal to 0"]),
+    "absurd step count": ("train: {steps: 1000000000000}\n", ["train.steps", "less than or equal to 100000000"]),
+    "absurd batch size": ("train: {batch_size: 100000000}\n", ["train.batch_size", "less than or equal to 65536"]),
+    "absurd width": ("model: {d_model: 10000000}\n", ["model.d_model", "less than or equal to 16384"]),
+    "absurd thread count": ("train: {threads: 1000000}\n", ["train.threads", "less than or equal to 4096"]),
+    "adam beta of one": ("optim: {betas: [0.9, 1.0]}\n", ["optim.betas.1", "less than 1"]),
+    "absurd generate temperature": ("generate: {temperature: 1e9}\n", ["generate.temperature", "less than or equal"]),
+    "bible book out of range": ("data: {source: {name: bible, books: [67]}}\n", ["data.source.books.0", "66"]),
 }
 
 
@@ -101,7 +111,9 @@ SETS = {
     "no equals sign": ("train.steps", ["--set 'train.steps'", "KEY=VALUE"]),
     "empty path part": ("train..steps=3", ["--set", "dotted key"]),
     "empty key": ("=3", ["--set", "KEY=VALUE"]),
-    "path through a value": ("train.steps.x=1", ["--set", "train.steps is a int, not a section"]),
+    "path through a value": ("train.steps.x=1", ["--set", "train.steps is an integer (20), not a section"]),
+    "component swapped by name": ("model.name=lstm", ["model.n_head: unknown key", "--set 'model={name: lstm}'"]),
+    "negative seed": ("seed=-1", ["seed", "greater than or equal to 0"]),
     "unknown key": ("train.stepz=3", ["train.stepz", "unknown key", "(with --set)"]),
     "unknown section": ("trian.steps=3", ["trian", "unknown key"]),
     "bad yaml value": ("train.steps=[1", ["--set", "not valid YAML"]),
@@ -250,12 +262,23 @@ ARGS = {
     "repeated alpha": (["sweep-alpha", str(TINY), "--alphas", "0.5,0.5"], ["--alphas", "repeats"]),
     "unknown split": (["eval", "{run}", "--split", "dev"], ["--split", "'dev'"]),
     "unknown checkpoint": (["eval", "{run}", "--checkpoint", "middle"], ["--checkpoint", "'middle'"]),
-    "negative token count": (["generate", "{run}", "-n", "-3"], ["--max-new-tokens", ">= 1"]),
+    "negative token count": (["generate", "{run}", "-n", "-3"], ["--max-new-tokens", "[1, 1000000]"]),
     "non-integer token count": (["generate", "{run}", "-n", "ten"], ["--max-new-tokens", "integer"]),
-    "top-k zero": (["generate", "{run}", "--top-k", "0"], ["--top-k", ">= 1"]),
+    "top-k zero": (["generate", "{run}", "--top-k", "0"], ["--top-k", "[1, 1000000]"]),
+    "top-k negative": (["generate", "{run}", "--top-k", "-1"], ["--top-k", "got -1"]),
+    "temperature nan": (["generate", "{run}", "-t", "nan"], ["--temperature", "got nan"]),
+    "temperature inf": (["generate", "{run}", "-t", "inf"], ["--temperature", "got inf"]),
+    "seed beyond 64 bits": (["generate", "{run}", "--seed", str(2**64)], ["--seed", "[0, 9223372036854775807]"]),
+    "negative seed": (["generate", "{run}", "--seed", "-2"], ["--seed", "got -2"]),
+    "too many samples": (["generate", "{run}", "--num-samples", "10000000"], ["--num-samples", "[1, 65536]"]),
+    "show-probs zero": (["generate", "{run}", "--show-probs", "0"], ["--show-probs", "got 0"]),
+    "unknown generate checkpoint": (["generate", "{run}", "--checkpoint", "middle"], ["--checkpoint", "'middle'"]),
+    "nan atol": (["reproduce", "{run}", "--atol", "nan"], ["--atol", "finite"]),
+    "hydra-style override": (["train", str(TINY), "train.steps=5"], ["unexpected extra argument", "--set train.steps=5"]),
+    "a folder as the config": (["validate", "{run}"], ["is a directory, not a config file"]),
     "top-p zero": (["generate", "{run}", "--top-p", "0"], ["--top-p", "(0, 1]"]),
     "top-p above one": (["generate", "{run}", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
-    "negative temperature": (["generate", "{run}", "--temperature", "-1"], ["--temperature", ">= 0"]),
+    "negative temperature": (["generate", "{run}", "--temperature", "-1"], ["--temperature", "[0, 100]"]),
     "negative reproduce steps": (["reproduce", "{run}", "--steps", "-1"], ["--steps", "-1"]),
     "negative atol": (["reproduce", "{run}", "--atol", "-0.1"], ["--atol", ">= 0"]),
     "resume with a config": (["train", str(TINY), "--resume", "{run}"], ["--resume", "drop CONFIG"]),
@@ -300,3 +323,47 @@ def test_any_jsonl_content_reads_or_fails_naming_the_file(tmp_path, lines, tail)
         return
     assert records and all(isinstance(r.text, str) and isinstance(r.domain, str) for r in records)
     assert all(r.label is None or (isinstance(r.label, (str, int)) and not isinstance(r.label, bool)) for r in records)
+
+
+# ---------------------------------------------------------------- resources: memory running out
+
+def _torch_oom() -> BaseException:
+    import torch
+
+    try:
+        torch.empty(2**45)  # 128 TiB of float32: the CPU allocator refuses at once
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("a 128 TiB tensor was allocated")
+
+
+OOM = {
+    "cpu allocator": (_torch_oom, ["model.d_model=16384", "out of memory", "128.0 TiB", "make it smaller"]),
+    "cuda out of memory": (lambda: RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 8 GiB)"),
+                           ["out of memory", "20.00 GiB"]),
+    "torch OutOfMemoryError": (lambda: __import__("torch").OutOfMemoryError("CUDA error: out of memory"),
+                               ["out of memory"]),
+    "python MemoryError": (MemoryError, ["model.d_model=16384", "out of memory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OOM))
+def test_out_of_memory_becomes_one_line_naming_the_field(case):
+    from llmcli.errors import UserError, too_big
+
+    make, fragments = OOM[case]
+    with pytest.raises(UserError) as caught:
+        with too_big("model.d_model=16384"):
+            raise make()
+    msg = str(caught.value)
+    assert "\n" not in msg and msg.startswith("model.d_model=16384: "), msg
+    assert all(f in msg for f in fragments), msg
+
+
+def test_too_big_lets_other_errors_through():
+    from llmcli.errors import is_out_of_memory, too_big
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with too_big("model"):
+            raise RuntimeError("shape mismatch")
+    assert not is_out_of_memory(ValueError("out of memory"))  # only memory errors, whatever the text

@@ -66,7 +66,9 @@ def test_a_raw_pickle_is_refused(ckpt):
 
 
 @pytest.mark.parametrize(("text", "fragment"), [(None, "sidecar not found"), ("{not json", "not valid JSON"),
-                                                 ("[1]", "expected a JSON object"), ('{"sha256": "x"}', "'step'")])
+                                                 ("[1]", "expected a JSON object"),
+                                                 ('{"sha256": "x"}', "field 'step' is missing or not an integer$"),
+                                                 ('{"sha256": 1, "step": 1}', "'sha256' is missing or not a string$")])
 def test_bad_sidecars(ckpt, text, fragment):
     if text is None:
         sidecar(ckpt).unlink()

@@ -123,3 +123,76 @@ def test_validate_and_schema_do_not_import_torch():
             "assert r.invoke(app, ['schema']).exit_code == 0; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+COMMANDS = ["preprocess", "train", "eval", "generate", "compress", "sweep-alpha", "reproduce", "validate", "schema"]
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    out = run("--version")
+    assert out.exit_code == 0 and out.stdout.strip() == f"llmcli {version('llmcli')}"
+
+
+def test_shell_completion_is_offered():
+    out = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert "--install-completion" in out.stdout and "--show-completion" in out.stdout
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_shows_click_style_placeholders(command):
+    import re
+
+    out = runner.invoke(app, [*([command] if command else []), "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert not re.search(r"<(bool|str|int|float|list\[\w+\])>", out.stdout), out.stdout  # typer's type names
+    usage = next(ln for ln in out.stdout.splitlines() if "Usage:" in ln)
+    assert "{" not in usage, usage  # RUN_DIR, not {run_dir}
+    help_line = next(ln for ln in out.stdout.splitlines() if "--help" in ln).split()
+    assert help_line[help_line.index("-h") + 1] == "Show", help_line  # a flag takes no value: no placeholder
+
+
+def test_placeholders_say_what_each_option_takes():
+    gen = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "Usage: llmcli generate [OPTIONS] RUN_DIR" in gen
+    line = {ln.split()[1]: ln for ln in gen.splitlines() if ln.startswith("│ --")}
+    assert "INTEGER" in line["--seed"] and "NUMBER" in line["--temperature"] and "FILE" in line["--prompts-file"]
+    assert line["--json"].split()[2] == "Print"  # no placeholder between the flag and its help
+    assert "the run's generate.seed, 0 unless" in gen  # the seed's default is said
+    train_help = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "Usage: llmcli train [OPTIONS] [CONFIG]" in train_help and "KEY=VALUE" in train_help
+
+
+def test_square_brackets_in_help_text_survive():
+    out = runner.invoke(app, ["sweep-alpha", "--help"], env={"COLUMNS": "200"})
+    assert "pip install 'llmcli[ray]'" in out.stdout, out.stdout
+
+
+def test_every_bracket_written_in_an_option_help_is_shown():
+    """No help text loses a `[word]` to rich markup, whichever command it is in."""
+    import re
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        shown = " ".join(runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).stdout.split())
+        for param in cmd.params:
+            for tag in re.findall(r"\[\w+\]", param.help or ""):
+                assert tag in shown, (name, param.name, tag)
+
+
+def test_a_hydra_style_override_gets_a_hint_to_use_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run("train", str(TINY), "train.steps=5", "model.n_layer=1")
+    assert out.exit_code == 2 and not any(tmp_path.iterdir())
+    line = out.stderr.strip()
+    assert "\n" not in line and "unexpected extra argument" in line
+    assert "use --set: --set train.steps=5 --set model.n_layer=1" in line, line
+
+
+def test_bash_completion_completes_commands_and_options():
+    env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli generate --to", "COMP_CWORD": "2"}
+    out = runner.invoke(app, [], env=env, prog_name="llmcli")
+    assert out.stdout.split() == ["--top-k", "--top-p"], out.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,117 @@ def test_validate_with_any_set_exits_0_or_2_with_one_line(override):
     assert isinstance(result.exception, (SystemExit, type(None))), result.exception
     if result.exit_code == 2:
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- every number has a range, checked at load time
+
+
+def _numeric_leaves(annotation, where, meta=()):
+    """(where, bounds) of every int/float inside an annotation: Optional/union members carry the field's own
+    bounds, tuple and list items only their own (Annotated) ones."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        base, *extra = args
+        flat = [x for m in extra for x in getattr(m, "metadata", [m])]  # a nested pydantic Field keeps them inside
+        yield from _numeric_leaves(base, where, (*meta, *flat))
+    elif annotation in (int, float):
+        yield where, list(meta)
+    elif origin in (typing.Union, types.UnionType):
+        for arg in args:
+            yield from _numeric_leaves(arg, where, meta)
+    else:
+        for i, arg in enumerate(args):
+            yield from _numeric_leaves(arg, f"{where}[{i}]")
+
+
+def _config_classes():
+    from pydantic import BaseModel
+
+    from llmcli.config import experiment_model
+    from llmcli.registry import registry
+
+    seen, todo = [], [experiment_model(), *(registry(k).entries[n].config for k in
+                                            ("source", "tokenizer", "model", "task_loss", "objective", "dg",
+                                             "optimizer", "schedule") for n in registry(k).names())]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        for f in cls.model_fields.values():
+            todo += [a for a in _walk(f.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return seen
+
+
+def _walk(annotation):
+    import typing
+
+    yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _walk(arg)
+
+
+def test_every_numeric_config_field_has_a_lower_and_an_upper_bound():
+    import annotated_types as at
+
+    unbounded = []
+    for cls in _config_classes():
+        for name, f in cls.model_fields.items():
+            for where, meta in _numeric_leaves(f.annotation, f"{cls.__name__}.{name}", f.metadata):
+                low = any(isinstance(m, (at.Ge, at.Gt)) for m in meta)
+                high = any(isinstance(m, (at.Le, at.Lt)) for m in meta)
+                if not (low and high):
+                    unbounded.append(where)
+    assert not unbounded, unbounded
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("seed=18446744073709551616", "seed: Input should be less than or equal to 9223372036854775807"),
+    ("data.split.seed=-5", "data.split.seed: Input should be greater than or equal to 0"),
+    ("generate.seed=9223372036854775808", "generate.seed: Input should be less than or equal to"),
+    ("train.steps=1e15", "train.steps"),
+    ("train.batch_size=10000000", "train.batch_size: Input should be less than or equal to 65536"),
+    ("model.d_model=1000000", "model.d_model: Input should be less than or equal to 16384"),
+    ("optim.betas=[1.5, 0.9]", "optim.betas.0: Input should be less than 1"),
+    ("optim.lr=1e40", "optim.lr: Input should be less than or equal to"),
+    ("train.threads=100000", "train.threads"),
+    ("generate.temperature=1e9", "generate.temperature"),
+    ("objective={name: uncertainty, init_log_var_lm: 1000}", "objective.init_log_var_lm"),
+    ("data.source.books=[0, 3]", "data.source.books.0: Input should be greater than or equal to 1"),
+])
+def test_absurd_numbers_fail_at_load_time(override, fragment):
+    with pytest.raises(UserError) as e:
+        load_config(TINY, [override])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_largest_seed_is_accepted_and_seeds_numpy_and_torch():
+    import numpy as np
+    import torch
+
+    from llmcli.config import SEED_MAX
+
+    assert load_config(TINY, [f"seed={SEED_MAX}"]).seed == SEED_MAX
+    torch.Generator().manual_seed(SEED_MAX)  # what generate and train do with it
+    np.random.default_rng([SEED_MAX * 1_000_003 + 1, 0])  # the data streams' seed arithmetic
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(UserError, match="is a directory, not a config file"):
+        load_config(tmp_path)
+
+
+def test_set_through_a_value_names_its_kind_in_words():
+    with pytest.raises(UserError, match=r"train\.steps is an integer \(20\), not a section"):
+        load_config(TINY, ["train.steps.x=1"])
+
+
+def test_swapping_a_component_by_name_hints_to_replace_the_whole_section():
+    with pytest.raises(UserError) as e:
+        load_config(TINY, ["model.name=lstm"])
+    msg = str(e.value)
+    assert "model.n_head: unknown key" in msg and "--set 'model={name: lstm}'" in msg, msg
+    assert load_config(TINY, ["model={name: lstm}"]).model.name == "lstm"  # what the hint says works

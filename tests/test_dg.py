@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from llmcli.config import CrossEntropyLoss
-from llmcli.dg import coral_penalty, covariance, group_dro_update, irm_penalty, mldg_loss, reverse_gradient
+from llmcli.config import CrossEntropyLoss, GroupDROConfig, IRMConfig
+from llmcli.dg import (
+    build_group_dro,
+    build_irm,
+    coral_penalty,
+    covariance,
+    group_dro_update,
+    irm_penalty,
+    mldg_loss,
+    reverse_gradient,
+)
 from llmcli.errors import UserError
 from llmcli.losses import build_cross_entropy
 
@@ -40,17 +50,144 @@ def _logits(w: float, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(x), w * x], 1)  # (N, 2): class-1 logit w * x
 
 
-def test_irm_penalty_is_zero_for_a_classifier_optimal_on_every_domain_and_positive_otherwise():
-    # both domains have p(y=1 | x=1) = 3/4 (and the second p(y=1 | x=-1) = 1/4): w* = log 3 is optimal on each
-    d1, d2 = _domain(3, 1, 1.0), _domain(6, 2, 1.0)
-    d2 = (torch.cat([d2[0], torch.full((4,), -1.0)]), torch.cat([d2[1], torch.tensor([1, 0, 0, 0])]))
-    w_star = math.log(3)
-    for x, y in (d1, d2):
-        assert irm_penalty(_logits(w_star, x), y, CE).item() == pytest.approx(0.0, abs=1e-10)
-        assert irm_penalty(_logits(0.3, x), y, CE).item() > 1e-3
-    # a domain whose own optimum differs (p = 9/10): log 3 is no longer optimal there
-    x3, y3 = _domain(9, 1, 1.0)
-    assert irm_penalty(_logits(w_star, x3), y3, CE).item() > 1e-3
+def _ce(a: float, y: int) -> float:
+    """Cross-entropy of logits (0, a) for label y, by hand."""
+    return math.log1p(math.exp(-a)) if y == 1 else math.log1p(math.exp(a))
+
+
+def _dscale(a: float, y: int) -> float:
+    """d/dw CE(w * (0, a), y) at w = 1, by hand: a * (sigmoid(a) - y)."""
+    return a * (1 / (1 + math.exp(-a)) - y)
+
+
+def _hand_penalty(a: list[float], y: list[int]) -> float:
+    """IRMv1 unbiased estimate: mean gradient on the even rows times mean gradient on the odd rows."""
+    even = [_dscale(ai, yi) for ai, yi in list(zip(a, y))[::2]]
+    odd = [_dscale(ai, yi) for ai, yi in list(zip(a, y))[1::2]]
+    return (sum(even) / len(even)) * (sum(odd) / len(odd))
+
+
+def test_irm_penalty_is_the_product_of_the_even_and_odd_rows_gradients():
+    a, y = [0.5, -1.0, 2.0, 0.3, 1.1], [1, 0, 0, 1, 1]
+    logits = _logits(1.0, torch.tensor(a))
+    assert irm_penalty(logits, torch.tensor(y), CE).item() == pytest.approx(_hand_penalty(a, y), rel=1e-5)
+    # halves that disagree give a negative estimate: it is unbiased, not a square
+    assert irm_penalty(_logits(1.0, torch.tensor([2.0, 2.0])), torch.tensor([1, 0]), CE).item() < 0
+
+
+def test_irm_penalty_is_zero_for_a_classifier_optimal_on_each_half_and_positive_otherwise():
+    # p(y=1 | x=1) = 3/4 on the even rows and on the odd rows: w* = log 3 is optimal on each half
+    x, y = torch.ones(8), torch.tensor([1, 1, 1, 1, 1, 1, 0, 0])
+    assert irm_penalty(_logits(math.log(3), x), y, CE).item() == pytest.approx(0.0, abs=1e-10)
+    assert irm_penalty(_logits(0.3, x), y, CE).item() > 1e-3  # both halves push w the same way
+
+
+def _batch(rows: list[tuple[int, float, int]]) -> tuple[SimpleNamespace, dict]:
+    """A batch of (domain, class-1 logit, label) rows and the model output DG methods read."""
+    dom = torch.tensor([r[0] for r in rows])
+    labels = torch.tensor([r[2] for r in rows])
+    logits = _logits(1.0, torch.tensor([r[1] for r in rows]))
+    return SimpleNamespace(domains=dom, labels=labels), {"logits": logits, "task_loss": CE(logits, labels)}
+
+
+# two train domains (0, 1) interleaved, plus an unlabeled row and a row of a domain not trained on (7)
+IRM_ROWS = [(0, 0.5, 1), (1, 1.5, 1), (0, -1.0, 0), (1, -0.5, 1), (0, 2.0, 0), (1, 0.2, 0), (0, 0.3, 1),
+            (1, 0.9, -1), (7, 3.0, 1)]
+
+
+def test_irm_task_loss_is_risk_plus_lambda_penalty_before_and_after_the_anneal_step():
+    irm = build_irm(IRMConfig(penalty_weight=100.0, anneal_steps=3), domains=[0, 1], names=["a", "b"])
+    batch, out = _batch(IRM_ROWS)
+    per = {d: ([r[1] for r in IRM_ROWS if r[0] == d and r[2] >= 0], [r[2] for r in IRM_ROWS if r[0] == d and r[2] >= 0])
+           for d in (0, 1)}
+    risk = sum(sum(_ce(ai, yi) for ai, yi in zip(*per[d])) / len(per[d][0]) for d in (0, 1)) / 2
+    penalty = sum(_hand_penalty(*per[d]) for d in (0, 1)) / 2
+    assert abs(penalty) > 0.01  # the test can tell risk + penalty from risk
+    t_warm, logs = irm.task_loss(None, batch, out, CE, step=2)
+    assert logs["irm_lambda"] == 1.0 and logs["irm_penalty"] == pytest.approx(penalty, rel=1e-5)
+    assert t_warm.item() == pytest.approx(risk + penalty, rel=1e-5)
+    t_on, logs = irm.task_loss(None, batch, out, CE, step=3)
+    assert logs["irm_lambda"] == 100.0
+    assert t_on.item() == pytest.approx(risk + 100.0 * penalty, rel=1e-5)  # not divided by lambda
+    assert (t_on - t_warm).item() == pytest.approx(99.0 * penalty, rel=1e-4)
+
+
+def test_irm_leaves_a_domain_with_one_labeled_row_out_of_the_penalty_only():
+    rows = [(0, 0.5, 1), (0, -1.0, 0), (0, 2.0, 0), (1, 1.5, 1)]
+    irm = build_irm(IRMConfig(penalty_weight=10.0, anneal_steps=0), domains=[0, 1], names=["a", "b"])
+    t, logs = irm.task_loss(None, *_batch(rows), CE, step=0)
+    a0, y0 = [0.5, -1.0, 2.0], [1, 0, 0]
+    risk = (sum(_ce(a, y) for a, y in zip(a0, y0)) / 3 + _ce(1.5, 1)) / 2
+    assert logs["irm_penalty"] == pytest.approx(_hand_penalty(a0, y0), rel=1e-5)
+    assert t.item() == pytest.approx(risk + 10.0 * _hand_penalty(a0, y0), rel=1e-5)
+
+
+# ---------------------------------------------------------------- GroupDRO per optimiser step
+
+
+def _hand_dro(q: list[float], losses: dict[int, float], eta: float) -> list[float]:
+    """One exponentiated-gradient step by hand; domains without a loss keep their weight before renormalising."""
+    raw = [w * math.exp(eta * losses[k]) if k in losses else w for k, w in enumerate(q)]
+    return [w / sum(raw) for w in raw]
+
+
+def _mb_losses(rows: list[tuple[int, float, int]]) -> dict[int, float]:
+    """Per-domain mean cross-entropy of a micro-batch, by hand."""
+    doms = sorted({r[0] for r in rows})
+    return {d: sum(_ce(r[1], r[2]) for r in rows if r[0] == d) / sum(r[0] == d for r in rows) for d in doms}
+
+
+MB1 = [(0, 0.5, 1), (1, -2.0, 1), (0, 1.0, 0), (1, 0.4, 0)]
+MB2 = [(0, -0.3, 1), (0, 2.5, 0)]  # domain 1 absent; domain 2 absent from both
+
+
+def test_group_dro_moves_q_once_per_step_from_the_mean_losses_of_its_micro_batches():
+    dro = build_group_dro(GroupDROConfig(eta=0.5), domains=[0, 1, 2], names=["a", "b", "c"], grad_accum_steps=2)
+    q0 = dro.q.clone()
+    t1, logs1 = dro.task_loss(None, *_batch(MB1), CE, step=0)
+    assert torch.equal(dro.q, q0)  # unchanged between the micro-batches
+    t2, logs2 = dro.task_loss(None, *_batch(MB2), CE, step=0)
+    assert torch.equal(dro.q, q0) and logs1 == logs2  # both micro-batches weigh with the q of the step's start
+    l1, l2 = _mb_losses(MB1), _mb_losses(MB2)
+    assert t1.item() == pytest.approx(sum(float(q0[k]) * v for k, v in l1.items()), rel=1e-5)
+    assert t2.item() == pytest.approx(float(q0[0]) * l2[0], rel=1e-5)
+    dro.end_step()
+    mean = {0: (l1[0] + l2[0]) / 2, 1: l1[1]}  # each domain over the micro-batches it appeared in
+    assert dro.q.tolist() == pytest.approx(_hand_dro(q0.tolist(), mean, 0.5), rel=1e-5)
+    q1 = dro.q.clone()
+    dro.end_step()  # nothing accumulated since: q stays
+    assert torch.equal(dro.q, q1)
+    assert dro.state_dict() == {"q": q1.tolist()}
+
+
+def test_group_dro_with_one_micro_batch_per_step_updates_q_before_weighing_as_before():
+    dro = build_group_dro(GroupDROConfig(eta=0.5), domains=[0, 1, 2], names=["a", "b", "c"])
+    q0 = dro.q.tolist()
+    t, _ = dro.task_loss(None, *_batch(MB1), CE, step=0)
+    l1 = _mb_losses(MB1)
+    q1 = _hand_dro(q0, l1, 0.5)
+    assert dro.q.tolist() == pytest.approx(q1, rel=1e-5)
+    assert t.item() == pytest.approx(sum(q1[k] * v for k, v in l1.items()), rel=1e-5)
+    dro.end_step()  # the engine's per-step call does not move q a second time
+    assert dro.q.tolist() == pytest.approx(q1, rel=1e-5)
+
+
+def test_a_nan_batch_does_not_poison_the_group_dro_weights():
+    q = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.equal(group_dro_update(q, torch.tensor([1.0, float("nan"), 0.0]), torch.ones(3), eta=0.1), q)
+    dro = build_group_dro(GroupDROConfig(eta=0.5), domains=[0, 1], names=["a", "b"], grad_accum_steps=2)
+    batch, out = _batch([(0, 0.5, 1), (1, 0.4, 0)])
+    out["logits"] = out["logits"] * float("nan")
+    dro.task_loss(None, batch, out, CE, step=0)
+    dro.end_step()
+    assert torch.equal(dro.q, torch.full((2,), 0.5))
+
+
+def test_the_registry_hands_grad_accum_steps_to_group_dro():
+    from llmcli.registry import registry
+
+    dro = registry("dg").build(GroupDROConfig(), domains=[0, 1], names=["a", "b"], grad_accum_steps=4)
+    assert dro.accum == 4
 
 
 def test_coral_penalty_is_zero_for_batches_with_equal_covariance_and_mean():

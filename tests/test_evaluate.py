@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -253,3 +254,186 @@ def test_classify_texts_gives_top3_labels_independent_of_batch_padding(tiny_run,
     f.write_text("")
     with pytest.raises(UserError, match="texts file is empty"):
         read_texts(f)
+
+
+def _snapshot(root):
+    """Every path under root with its size, modification time and (for files) sha256."""
+    import hashlib
+
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def test_eval_no_write_prints_the_scores_and_changes_no_file(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = _snapshot(run)
+    out = CliRunner().invoke(app, ["eval", str(run), "--no-write"])
+    assert out.exit_code == 0, out.output
+    assert "kjv (in-domain)" in out.stdout and "macro_recall" in out.stdout
+    assert _snapshot(run) == before  # no eval/, no eval/test.json, no PNG, curves.png untouched
+    assert f"eval: {run}: nothing written (--no-write)" in out.stderr
+
+
+def _unwritable(monkeypatch, root):
+    """Refuse every write under `root` as a read-only folder would (simulated, so that it also holds as root)."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    real_mkstemp, real_mkdir = tempfile.mkstemp, Path.mkdir
+
+    def inside(p):
+        return Path(p).resolve().is_relative_to(root.resolve())
+
+    def mkstemp(*args, **kwargs):  # every atomic write (llmcli.io) starts with a temp file beside its target
+        if inside(kwargs.get("dir") or "."):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, **kwargs)
+
+    def mkdir(self, *args, **kwargs):
+        if inside(self):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("has_eval_dir", [False, True])
+def test_eval_of_a_run_folder_that_cannot_be_written(tiny_run, tmp_path, monkeypatch, has_eval_dir):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    if has_eval_dir:
+        (run / "eval").mkdir()
+    _unwritable(monkeypatch, run)
+    out = CliRunner().invoke(app, ["eval", str(run)])
+    lines = out.stderr.strip().splitlines()
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert lines[-1].startswith(f"error: {run / 'eval'}") and "Permission denied" in lines[-1]
+    assert lines[-1].endswith("`llmcli eval --no-write` prints the scores without writing")
+    ok = CliRunner().invoke(app, ["eval", str(run), "--no-write"])
+    assert ok.exit_code == 0 and "kjv (in-domain)" in ok.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions, so chmod cannot make the run read-only")
+def test_eval_no_write_scores_a_read_only_run_folder(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    dirs = [run, *[p for p in run.rglob("*") if p.is_dir()]]
+    for d in dirs:
+        d.chmod(0o555)
+    try:
+        result = evaluate(run, write=False, **QUIET)
+    finally:
+        for d in dirs:
+            d.chmod(0o755)
+    assert result["in_domain"] == ["kjv"] and not (run / "eval").exists()
+
+
+def test_eval_names_the_files_it_wrote(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    out = CliRunner().invoke(app, ["eval", str(run), "--split", "val"])
+    assert out.exit_code == 0, out.output
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("eval: wrote ")]
+    named = line.removeprefix("eval: wrote ").split(", ")
+    assert named == [str(run / "eval" / "val.json"), str(run / "eval" / "val-confusion.png"),
+                     str(run / "eval" / "val-reliability.png"), str(run / "curves.png")]
+    assert all(os.path.isfile(p) for p in named) and "*" not in line
+
+
+def test_classifying_with_several_runs_names_the_run_on_each_line(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    a, b = shutil.copytree(tiny_run, tmp_path / "a"), shutil.copytree(tiny_run, tmp_path / "b")
+    out = CliRunner().invoke(app, ["eval", str(a), str(b), "--text", "And God said", "--text", "Paul an apostle"])
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.strip().splitlines()
+    assert [x.split("\t")[0] for x in lines] == [str(a), str(a), str(b), str(b)]
+    assert [x.split("\t")[-1] for x in lines] == ["And God said", "Paul an apostle"] * 2
+    one = CliRunner().invoke(app, ["eval", str(a), "--text", "And God said"])
+    assert one.stdout.strip() == lines[0].removeprefix(f"{a}\t")  # one run: the line as before, no prefix
+
+
+def test_the_eval_table_says_what_the_gap_is_and_which_sign_is_worse_per_metric(tiny_run, tmp_path):
+    from rich.console import Console
+
+    from llmcli.evaluate import TABLE_COLS, render_comparison, render_table
+
+    res = evaluate(shutil.copytree(tiny_run, tmp_path / "run"), **QUIET)
+    console = Console(width=250, record=True)
+    console.print(render_table(res))
+    text = console.export_text()
+    assert "gap = in-domain − OOD" in " ".join(text.split())
+    rows = {ln.split("│")[1].strip(): [x.strip() for x in ln.split("│")[2:-1]] for ln in text.splitlines() if "│" in ln}
+    worse = dict(zip((*TABLE_COLS, "gap_acc"), rows["OOD is worse if"]))
+    assert worse["acc"] == worse["macro_f1"] == worse["gap_acc"] == "> 0"  # higher is better: OOD lower = gap > 0
+    assert worse["ppl"] == worse["lm_loss"] == worse["ece"] == "< 0"  # lower is better: OOD higher = gap < 0
+    assert rows["mean OOD gap (in − OOD)"][TABLE_COLS.index("acc")] == f"{res['gap']['mean']['gap_acc']:.4f}"
+    console.print(render_comparison([res, res]))
+    assert "gap_acc = in-domain − OOD acc (mean over OOD domains): > 0 means OOD is worse" in \
+        " ".join(console.export_text().split())
+
+
+def test_curves_name_the_run_the_in_domain_domain_and_every_axis(tiny_run):
+    from llmcli.plots import curves_figure
+
+    fig = curves_figure(tiny_run)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["L (nats / token)", "T (task loss per example)", "cosine(∇L, ∇T)"]
+    assert all(ax.get_xlabel() == "step" for ax in fig.axes)
+    title = fig.get_suptitle()
+    assert tiny_run.name in title and "in-domain: kjv" in title
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["train", "val kjv (in-domain)", "val web (OOD)", "val wyc (OOD)"]
+
+
+def test_confusion_matrices_have_readable_text(tiny_run, tmp_path):
+    from llmcli.plots import confusion_figure
+
+    res = evaluate(shutil.copytree(tiny_run, tmp_path / "run"), write=False, **QUIET)
+    fig = confusion_figure(res)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 3
+    for ax in panels:
+        assert min(t.get_fontsize() for t in ax.texts) >= 8  # the counts in the cells
+        assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 8
+    # the class names are printed once, left of the row (the panels share the y axis)
+    assert [any(t.get_visible() and t.get_text() for t in ax.get_yticklabels()) for ax in panels] == [True, False, False]
+    saved = fig.get_tightbbox()  # the PNG is cropped to it (inches)
+    area = sum(ax.get_window_extent().width * ax.get_window_extent().height for ax in panels) / fig.dpi ** 2
+    assert area / (saved.width * saved.height) > 0.5  # the matrices fill the picture (0.43 before: wide margins)
+
+
+def test_reliability_markers_are_sized_by_count_and_sparse_bins_are_not_joined():
+    import numpy as np
+
+    from llmcli.plots import MIN_BIN, reliability_figure
+
+    counts = [0, 0, 40, 100, 2, 60, 1, 0, 0, 0]  # bins 4 and 6: too few examples to draw a trend through
+    conf = [0.0, 0.0, 0.25, 0.35, 0.45, 0.55, 0.65, 0.0, 0.0, 0.0]
+    acc = [0.0, 0.0, 0.2, 0.4, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    res = {"split": "test", "run": "runs/r", "in_domain": ["kjv"], "domains": {"kjv": {"ece": 0.1}},
+           "calibration": {"kjv": {"confidence": conf, "accuracy": acc, "count": counts}}}
+    fig = reliability_figure(res)
+    ax = fig.axes[0]
+    line = [ln for ln in ax.get_lines() if ln.get_label().startswith("kjv")][0]
+    y = np.asarray(line.get_ydata(), dtype=float)
+    assert list(line.get_xdata()) == [0.25, 0.35, 0.45, 0.55, 0.65]  # the non-empty bins
+    assert np.isnan(y[[2, 4]]).all() and list(y[[0, 1, 3]]) == [0.2, 0.4, 0.5]  # broken at the sparse bins
+    dense, sparse = ax.collections
+    assert list(dense.get_offsets()[:, 0]) == [0.25, 0.35, 0.55] and list(sparse.get_offsets()[:, 0]) == [0.45, 0.65]
+    sizes = dense.get_sizes()
+    assert sizes[1] > sizes[2] > sizes[0]  # marker area grows with the bin's examples (100 > 60 > 40)
+    assert all(c < MIN_BIN for c in (2, 1)) and "kjv (in-domain)" in line.get_label()

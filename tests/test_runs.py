@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from llmcli.cli import app
 from llmcli.errors import UserError
-from llmcli.runs import create_run_dir
+from llmcli.runs import create_run_dir, load_run_config
 
 from .conftest import TINY
 
@@ -99,3 +99,49 @@ def test_a_full_disk_is_one_clear_error(tmp_path, tiny, processed_dir, monkeypat
     assert len(errors) == 1 and "write failed (No space left on device)" in errors[0]
     if fail_after == 0:
         assert list(runs.iterdir()) == []  # a run that could not start leaves no folder
+
+
+def test_a_run_path_that_is_a_file_says_so(tmp_path):
+    f = tmp_path / "run.txt"
+    f.write_text("")
+    with pytest.raises(UserError, match=r"run\.txt: is a file, not a run folder$"):
+        load_run_config(f)
+    with pytest.raises(UserError, match=r"nope: run folder not found$"):
+        load_run_config(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_run_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """Colleagues on a shared machine read runs/ as the umask allows (mkstemp alone would make files 0600)."""
+    import stat
+
+    from llmcli.io import atomic_write_bytes, atomic_write_json
+    from llmcli.runs import update_meta
+
+    old = os.umask(umask)
+    try:
+        run = create_run_dir(tmp_path / "runs", "x")
+        atomic_write_bytes(run / "tokenizer.json", b"{}")
+        atomic_write_json(run / "meta.json", {"status": "running"})
+        update_meta(run, status="completed")  # replaces an existing file
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(run.stat().st_mode) == dir_mode
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()} == {"tokenizer.json": file_mode,
+                                                                              "meta.json": file_mode}
+
+
+def test_a_trained_run_folder_is_readable_by_others_under_umask_022(tmp_path, tiny):
+    import stat
+
+    from llmcli.train import train
+
+    old = os.umask(0o022)
+    try:
+        run = train(tiny("train.steps=2", "train.eval_every=2"), runs_dir=tmp_path / "runs", progress=False,
+                    log=lambda m: None)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in [run, *run.rglob("*")]}
+    want = {k: 0o755 if (run / k).is_dir() else 0o644 for k in modes}
+    assert "checkpoints/last.safetensors" in modes and modes == want

@@ -89,10 +89,11 @@ def test_diverging_points_fail_with_their_error_and_the_sweep_reports_them(tiny,
     assert "failed" in str(e.value) and "--resume" in str(e.value)
 
 
-def _spawn_sweep(tmp_path, processed_dir, *extra):
+def _spawn_sweep(tmp_path, processed_dir, *extra, session=False):
     cmd = [sys.executable, "-m", "llmcli", "sweep-alpha", str(TINY), "--set", f"data.processed_dir={processed_dir}",
            *[a for f in FAST for a in ("--set", f)], "--runs-dir", str(tmp_path), "--no-progress", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # session: its own process group, as a command typed in a terminal is (Ctrl-C goes to the whole group)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=session)
 
 
 def _wait_for(predicate, timeout=120):
@@ -173,6 +174,122 @@ def test_a_point_cut_off_mid_run_continues_from_its_checkpoint_and_ends_as_if_un
     assert json.loads((cut / name / "status.json").read_text())["resumed"] is True
     assert metric_values(cut / name) == metric_values(whole / name) and same_weights(cut / name, whole / name)
     assert [r["status"] for r in rows(cut)] == ["completed"] and not list(cut.glob("*.attempt*"))
+
+
+def _checkpoint_at(pattern_root, pattern, step):
+    """The first file matching the glob whose checkpoint sidecar says step >= `step`, else None."""
+    for f in pattern_root.glob(pattern):
+        try:
+            if json.loads(f.read_text())["step"] >= step:
+                return f
+        except (OSError, ValueError, KeyError):
+            pass
+    return None
+
+
+# Long enough that a signal lands mid-run; a checkpoint every 3 steps, so the cut point has one past step 0.
+CUT = ("--alphas", "0.5", "--workers", "1", "--set", "train.steps=30", "--set", "train.eval_every=30",
+       "--set", "train.checkpoint_every=3")
+
+
+def test_ctrl_c_on_a_real_sweep_leaves_the_resume_command_and_resume_continues_the_cut_point(tmp_path, processed_dir):
+    from llmcli.runs import load_run_config
+    from llmcli.train import train
+
+    from .test_resume import same_weights
+    from .test_train import metric_values
+
+    proc = _spawn_sweep(tmp_path, processed_dir, *CUT, session=True)
+    sweep = _sweep_dir(tmp_path)
+    name = point_name("alpha", 0.5, 0)
+    _wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the sweep's whole process group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"Continue with: llmcli sweep-alpha --resume {sweep}" in err and out.strip() == str(sweep)
+    status = json.loads((sweep / name / "status.json").read_text())
+    meta = json.loads((sweep / name / "meta.json").read_text())
+    assert status["status"] == "interrupted" and meta["status"] == "interrupted" and 3 <= meta["step"] < 30
+    said = []
+    sweep_alpha(None, resume=sweep, progress=False, log=said.append)
+    assert any(f"{name} was cut off mid-run; continuing it from its last checkpoint" in s for s in said)
+    meta = json.loads((sweep / name / "meta.json").read_text())
+    assert meta["resumed_at_step"] >= 3 and meta["status"] == "completed" and not list(sweep.glob("*.attempt*"))
+    assert json.loads((sweep / name / "status.json").read_text())["resumed"] is True
+    whole = train(load_run_config(sweep / name), run_dir=tmp_path / "whole", **QUIET)  # the same point, uncut
+    assert metric_values(sweep / name) == metric_values(whole) and same_weights(sweep / name, whole)
+
+
+def test_sigterm_to_the_sweep_alone_is_passed_on_to_its_workers(tmp_path, processed_dir):
+    proc = _spawn_sweep(tmp_path, processed_dir, *CUT, session=True)
+    sweep = _sweep_dir(tmp_path)
+    name = point_name("alpha", 0.5, 0)
+    _wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
+    proc.send_signal(signal.SIGTERM)  # the parent only (as `kill PID` or a scheduler does), not its group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    meta = json.loads((sweep / name / "meta.json").read_text())
+    assert meta["status"] == "interrupted" and meta["signal"] == "SIGTERM" and meta["step"] < 30
+    assert json.loads((sweep / name / "status.json").read_text())["status"] == "interrupted"
+    assert "--resume" in err and out.strip() == str(sweep)
+
+
+def test_a_point_cut_during_its_evaluation_is_only_evaluated_again(tiny, tiny_run, tmp_path):
+    import shutil
+
+    from llmcli.sweep import _new_state
+
+    sweep = tmp_path / "sweep-cut"  # a sweep whose one point trained to the end, then was cut while being scored
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps(_new_state(tiny(), [0.5], None, None, "exact")))
+    point = sweep / point_name("alpha", 0.5, 0)  # tiny() is alpha 0.5, seed 0: the shared run is this point
+    shutil.copytree(tiny_run, point)
+    shutil.rmtree(point / "eval", ignore_errors=True)
+    (point / "status.json").write_text(json.dumps({"status": "interrupted", "signal": "SIGINT", "wall_s": 3.0}))
+    stamp = (point / "checkpoints" / "last.safetensors").stat().st_mtime_ns
+    sweep_alpha(None, resume=sweep, **QUIET)
+    assert (point / "checkpoints" / "last.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert (point / "eval" / "test.json").is_file() and not list(sweep.glob("*.attempt*"))
+    status = json.loads((point / "status.json").read_text())
+    assert status["status"] == "completed" and status["resumed"] is True and status["wall_s"] >= 3.0
+
+
+def _signal_self_when(found, signum=signal.SIGINT):
+    """A watcher thread: once `found()` is truthy, send `signum` to this process (the main thread handles it)."""
+    import threading
+
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if found():
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
+def test_an_interrupted_conditioned_run_continues_from_its_checkpoint(tiny, tmp_path):
+    from llmcli.sweep import SweepInterrupted
+
+    cfg = tiny("train.steps=30", "train.eval_every=30", "train.checkpoint_every=3")
+    done = _signal_self_when(lambda: _checkpoint_at(tmp_path, "sweep-*/conditioned/checkpoints/last.json", 3),
+                             signal.SIGTERM)
+    said = []
+    try:
+        with pytest.raises(SweepInterrupted) as e:
+            sweep_alpha(cfg, [0.0, 1.0], mode="conditioned", runs_dir=tmp_path, progress=False, log=said.append)
+    finally:
+        done.set()
+    sweep, run = e.value.folder, e.value.folder / "conditioned"
+    assert e.value.signum == signal.SIGTERM and f"llmcli sweep-alpha --resume {sweep}" in said[-1]
+    assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
+    sweep_alpha(None, resume=sweep, **QUIET)
+    assert json.loads((run / "meta.json").read_text())["resumed_at_step"] >= 3
+    assert not list(sweep.glob("conditioned.attempt*"))
+    assert [r["status"] for r in rows(sweep)] == ["completed", "completed"]
 
 
 def test_a_point_that_failed_by_itself_starts_over_and_its_attempt_is_kept(tiny, tmp_path):
@@ -295,3 +412,83 @@ def test_ray_backend_runs_points_and_resumes_like_local_workers(tiny, tmp_path):
         assert (sweep / "alpha-0-seed0" / "status.json").stat().st_mtime_ns == stamp
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- results: one front, numbers, pictures
+
+
+def _row(value, ppl, acc, lm, task, **extra):
+    return {"mode": "exact", "variable": "alpha", "value": value, "seed": 0, "status": "completed",
+            "run": f"alpha-{value:g}-seed0", "acc_in": acc, "acc_ood": acc - 0.05, "gap_acc": 0.05, "ppl_in": ppl,
+            "ppl_ood": ppl * 1.2, "gap_ppl": -ppl * 0.2, "lm_loss_in": lm, "task_loss_in": task,
+            "grad_cosine": 0.1, "wall_s": 16.123, **extra}
+
+
+# alpha 0.5 is on the (ppl, acc) front but dominated in (lm_loss, task_loss) by alpha 0; alpha 1 the reverse:
+# the two definitions the sweep used to mix disagree on both.
+DISAGREE = [_row(0.0, 100.0, 0.5, 4.6, 1.0), _row(0.5, 200.0, 0.6, 5.3, 1.2), _row(1.0, 300.0, 0.4, 5.7, 0.9)]
+STATE = {"mode": "exact", "variable": "alpha", "grid": [0.0, 0.5, 1.0], "seeds": [0]}
+
+
+def _coloured_x(ax):
+    """x of the points drawn in a series colour (not the grey of dominated points) in one panel."""
+    from matplotlib.colors import to_hex
+
+    return sorted(float(line.get_xdata()[0]) for line in ax.lines
+                  if line.get_marker() not in (None, "None", "") and len(line.get_xdata()) == 1
+                  and to_hex(line.get_markerfacecolor()) != to_hex("0.75"))
+
+
+def test_results_csv_summary_and_the_plot_mark_the_same_pareto_points(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from llmcli.sweep import aggregate, pareto_figure, write_results
+
+    write_results(tmp_path, STATE, [dict(r) for r in DISAGREE])
+    marked = {float(r["value"]): r["pareto"] for r in rows(tmp_path)}
+    assert marked == {0.0: "True", 0.5: "True", 1.0: "False"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "non-dominated on in-domain perplexity (lower is better) and task accuracy (higher is better): " \
+           "alpha=0, alpha=0.5." in summary
+    assert "Hypervolume of the seed means on (in-domain lm_loss, task_loss)" in summary  # its own axes, named
+    fig = pareto_figure("t", STATE, aggregate([dict(r) for r in DISAGREE]), None)
+    assert _coloured_x(fig.axes[0]) == [100.0, 200.0]  # exactly the rows results.csv marks
+    ood = {float(r["value"]): r["pareto_ood"] for r in rows(tmp_path)}
+    assert _coloured_x(fig.axes[1]) == sorted(1.2 * p for p, v in ((100.0, 0.0), (200.0, 0.5), (300.0, 1.0))
+                                              if ood[v] == "True")
+    plt.close(fig)
+
+
+def test_summary_prints_each_metric_at_its_own_precision_and_says_what_the_gap_sign_means(tmp_path):
+    from llmcli.sweep import fmt, write_results
+
+    assert (fmt("ppl_in", 506.8055), fmt("gap_acc", -0.0003394), fmt("acc_in", 0.31805), fmt("wall_s", 16.12),
+            fmt("gap_ppl", -37.1954), fmt("acc_in", 0.5, 0.01234), fmt("ppl_in", None)) == \
+        ("506.8", "-0.000", "0.318", "16.1", "-37.2", "0.500 ± 0.012", "-")
+    write_results(tmp_path, STATE, [dict(r, ppl_in=506.8055, gap_acc=-0.0003394) for r in DISAGREE])
+    summary = (tmp_path / "summary.md").read_text()
+    table = [x for x in summary.splitlines() if x.startswith("| 0 |")][0]
+    assert table == "| 0 | 1 | 0.500 | 0.450 | -0.000 | 506.8 | 120.0 | -20.0 | +0.100 | 16.1 |"
+    assert "gap acc (in − OOD)¹" in summary and "gap ppl (in − OOD)¹" in summary
+    assert "For acc a positive gap means OOD is less accurate (worse); for ppl a positive gap means OOD has the " \
+           "lower perplexity (better)" in summary
+
+
+def test_pareto_png_keeps_every_point_and_label_inside_and_labels_the_compared_front(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from llmcli.sweep import _label_groups, aggregate, pareto_figure
+
+    other = aggregate([_row(v, 150.0 + v, 0.45, 5.0, 1.1) for v in (0.0, 0.5, 1.0)])  # a tight cluster
+    fig = pareto_figure("t", STATE, aggregate([dict(r) for r in DISAGREE]), other)
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert lo < 100.0 * 0.97 and hi > 300.0 * 1.03  # alpha = 0 (and the other end) off the frame
+    texts = [t.get_text() for t in ax.texts]
+    assert {"α=0", "α=0.5", "α=1"} <= set(texts) and "α=0, 0.5, 1" in texts  # compared front: one label, not 3
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    assert labels == [] and all("10^" not in t.get_text() for t in ax.get_xticklabels())  # plain, no minor labels
+    plt.close(fig)
+    assert _label_groups([(100.0, 0.5, 0.0), (101.0, 0.5, 0.5), (300.0, 0.2, 1.0)], (2.0, 2.5, 0.2, 0.5)) == \
+        [(100.0, 0.5, "0, 0.5"), (300.0, 0.2, "1")]

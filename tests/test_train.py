@@ -21,7 +21,7 @@ def metric_values(run_dir):
 
 def test_run_folder_is_self_describing(tiny_run):
     assert re.fullmatch(r"\d{8}-\d{6}-tiny-[0-9a-f]{4}", tiny_run.name)
-    for name in ("config.yaml", "meta.json", "metrics.jsonl", "tokenizer.json", "data_manifest.json",
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "train.log", "tokenizer.json", "data_manifest.json",
                  "checkpoints/last.safetensors", "checkpoints/last.json", "checkpoints/best.safetensors"):
         assert (tiny_run / name).is_file(), name
     meta = json.loads((tiny_run / "meta.json").read_text())
@@ -211,3 +211,158 @@ def test_skip_batch_drops_the_nan_update_and_finishes(tiny, tmp_path, monkeypatc
 def test_resuming_a_completed_run_is_refused(tiny_run):
     with pytest.raises(UserError, match="already completed all 20 steps"):
         train(None, resume=tiny_run, **QUIET)
+
+
+def test_skipped_batches_before_a_resume_stay_in_meta(tiny, tmp_path, monkeypatch):
+    nan_at(monkeypatch, 3)
+    run = train(tiny("train.on_nan=skip_batch"), runs_dir=tmp_path, stop_after=8, **QUIET)
+    monkeypatch.undo()
+    nan_at(monkeypatch, 1)  # the resumed run's first step, 9
+    train(None, resume=run, **QUIET)
+    assert json.loads((run / "meta.json").read_text())["skipped_batches"] == [3, 9]
+
+
+def test_a_blown_up_skip_batch_run_does_not_call_its_last_checkpoint_good(tiny, tmp_path):
+    """lr 1e8 without clipping: after one update every batch is NaN; the checkpoints of steps 10 and 20 hold
+    those weights (NaN on validation), so resuming them cannot help and the message says so."""
+    from llmcli.errors import RunFailed
+
+    cfg = tiny("optim.lr=1e8", "train.grad_clip=null", "train.on_nan=skip_batch", "train.steps=40")
+    with pytest.raises(RunFailed) as caught:
+        train(cfg, runs_dir=tmp_path, **QUIET)
+    msg = str(caught.value)
+    assert "in a row" in msg and "last good" not in msg, msg
+    assert "the last checkpoint (step 20) gives NaN/Inf losses on the validation records" in msg, msg
+    assert "resuming it will not help; lower optim.lr" in msg, msg
+    run = next(tmp_path.iterdir())
+    assert json.loads((run / "checkpoints" / "last.json").read_text())["flaw"].startswith("gives NaN/Inf")
+    assert "train: failed after step" in (run / "train.log").read_text()
+
+
+def test_a_checkpoint_is_good_only_with_finite_weights_and_validation(tiny):
+    import torch
+
+    from llmcli.train import Session, _weights_flaw
+
+    sess = Session(tiny(), log=lambda m: None)
+    assert _weights_flaw(sess.model, [{"domain": "kjv", "lm_loss": 5.0, "task_loss": 2.0}]) is None
+    assert "kjv" in _weights_flaw(sess.model, [{"domain": "kjv", "lm_loss": float("nan"), "task_loss": 2.0}])
+    with torch.no_grad():
+        next(sess.model.parameters())[0] = float("inf")
+    assert _weights_flaw(sess.model, []) == "has non-finite weights"
+
+
+def test_nan_right_after_a_checkpoint_names_that_checkpoint_bad_after_many_in_a_row(tiny, tmp_path, monkeypatch):
+    """NaN from step 7 on: no update since, so the checkpoint of step 24 holds the weights that gave them all."""
+    from llmcli.errors import RunFailed
+    from llmcli.models.model import TwoHeadModel
+
+    real, calls = TwoHeadModel.losses, [0]
+
+    def losses(self, batch, task_loss):
+        out = real(self, batch, task_loss)
+        calls[0] += 1
+        if calls[0] > 6:  # every batch from step 7 on
+            out["lm_loss"] = out["lm_loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(TwoHeadModel, "losses", losses)
+    with pytest.raises(RunFailed, match=r"the last checkpoint \(step 24\) holds the weights that gave these 21 NaN/Inf"):
+        train(tiny("train.on_nan=skip_batch", "train.checkpoint_every=6", "train.steps=40", "train.eval_every=40"),
+              runs_dir=tmp_path, **QUIET)
+
+
+def cli_train(processed_dir, tmp_path, *args):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    from .conftest import TINY
+
+    return CliRunner().invoke(app, ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+                                    "--runs-dir", str(tmp_path), *args])
+
+
+STEP_LINE = re.compile(r"^step (\d+)/20: train lm_loss=\S+ task_loss=\S+ loss=\S+ lr=\S+ \| \d+ tok/s", re.M)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-progress"]])
+def test_progress_in_a_pipe_is_plain_periodic_lines_also_in_train_log(processed_dir, tmp_path, flag):
+    res = cli_train(processed_dir, tmp_path, *flag)
+    assert res.exit_code == 0, res.output
+    assert "\r" not in res.stderr  # no bar frames in a file or pipe
+    assert [int(s) for s in STEP_LINE.findall(res.stderr)] == [5, 10, 15, 20]  # train.log_every = 5
+    log = (next(tmp_path.iterdir()) / "train.log").read_text()
+    body = [line.split(" ", 1)[1] for line in log.splitlines()]  # each line: a timestamp, then the message
+    assert [int(s) for s in STEP_LINE.findall("\n".join(body))] == [5, 10, 15, 20]
+    assert "step 10: val kjv acc=" in log and body[-1].startswith("train: done")
+
+
+class FakeTerminal:
+    """stderr as a terminal: a bar is drawn into `text`."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_messages_are_never_glued_onto_the_bar(tiny, tmp_path, monkeypatch):
+    import sys
+
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    nan_at(monkeypatch, 7)
+    messages = []
+
+    def log(m):
+        messages.append(m)
+        print(m, file=sys.stderr)
+
+    train(tiny("train.on_nan=skip_batch"), runs_dir=tmp_path, progress=True, log=log)
+    assert "train:" in term.text and "step/s" in term.text  # the bar was drawn
+    assert any("NaN/Inf at step 7" in m for m in messages) and not any(STEP_LINE.match(m) for m in messages)
+    for m in messages:  # each message starts a line: after a newline, or after the bar's line was blanked
+        segments = term.text[:term.text.index(m)].rsplit("\n", 1)[-1].split("\r")
+        assert segments[-1] == "" and (len(segments) == 1 or segments[-2].strip() == ""), (m, segments[-3:])
+
+
+def test_a_model_far_beyond_memory_is_one_line_naming_its_size(processed_dir, tmp_path):
+    """A 2**20 x 16384 position table (64 GiB) under a 16 GiB address-space limit: allocation fails at once."""
+    import resource
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, TINY
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+
+    sets = [f"data.processed_dir={processed_dir}", "model.block_size=1048576", "model.d_model=16384", "model.n_head=2"]
+    res = subprocess.run([sys.executable, "-m", "llmcli", "train", str(TINY), *(a for s in sets for a in ("--set", s)),
+                          "--runs-dir", str(tmp_path / "runs"), "--no-progress"], cwd=ROOT, capture_output=True,
+                         text=True, preexec_fn=limit, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "model.d_model=16384" in errors[0] and "model.block_size=1048576" in errors[0] and "64.0 GiB" in errors[0]
+    assert not (tmp_path / "runs").exists()  # nothing written: the model is built before the run folder
+
+
+def test_a_batch_beyond_memory_names_the_batch_fields(tiny, tmp_path, monkeypatch):
+    import llmcli.train as engine
+
+    def accumulate(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 6442450944 bytes.")
+
+    monkeypatch.setattr(engine, "_accumulate", accumulate)
+    with pytest.raises(UserError, match=r"^train.batch_size=16, data.max_len=48: out of memory .*6.0 GiB"):
+        train(tiny(), runs_dir=tmp_path, **QUIET)
+    assert json.loads((next(tmp_path.iterdir()) / "meta.json").read_text())["status"] == "failed"

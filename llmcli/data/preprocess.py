@@ -9,16 +9,19 @@ Streaming, in two passes over the sources, so a corpus bigger than memory is fin
 Between the two, the leakage checks run on the arrays: no group and no exact duplicate text crosses
 splits (cross-split duplicates are dropped, or an error for a given fixed split).
 
-The output folder is named by a hash of the data config, so a second preprocess of the same config
-finds it and does nothing. It is built in a temporary folder and renamed into place, under a file
-lock, so a crash or a concurrent run never leaves half of it.
+The output folder is named by a hash of the data config; its manifest records every input file's
+path, size, mtime and sha256 (and the bible's package versions). A second preprocess of the same config
+finds the folder and does nothing while the inputs are the same (size + mtime the fast check, the
+sha256 the truth); when an input changed it says which and rebuilds the folder in place. The folder is
+built in a temporary folder and renamed into place, under a file lock, so a crash or a concurrent run
+never leaves half of it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
-import tempfile
 import threading
 import time
 import unicodedata
@@ -29,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from llmcli.data.sources import input_files, input_packages
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_json, sha256_json
+from llmcli.io import atomic_write_json, create_temp_dir, sha256_file, sha256_json
 from llmcli.registry import registry
 
 FORMAT_VERSION = 2
@@ -81,9 +85,12 @@ def preprocess(data_cfg: Any, *, log: Any = print, tokenizer_path: Path | None =
     out = processed_path(data_cfg)
     if tokenizer_path is not None:
         out = out.with_name(f"{out.name}-tok{hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:8]}")
-    if (out / "manifest.json").is_file():
+    why = _why_stale(out, data_cfg, log)
+    if why is None:
         log(f"preprocess: {out} is up to date, nothing to do")
         return out
+    if why:
+        log(f"preprocess: rebuilding {out}: {why}")
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on bad data
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,31 +99,140 @@ def preprocess(data_cfg: Any, *, log: Any = print, tokenizer_path: Path | None =
     lock = Path(str(out) + ".lock")
     try:
         with FileLock(str(lock)):
-            if (out / "manifest.json").is_file():  # another process built it while we waited
+            if _why_stale(out, data_cfg, lambda m: None) is None:  # another process built it while we waited
                 log(f"preprocess: {out} is up to date, nothing to do")
-                return out
-            try:
-                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            except OSError as exc:
-                raise UserError(f"data.processed_dir: cannot write in {out.parent} ({exc.strerror})") from None
-            try:
-                _build(data_cfg, tmp, out.name, log, tokenizer_path)
-                if out.exists():  # a stale, manifest-less folder from a crash before this lock existed
-                    shutil.rmtree(out)
-                tmp.rename(out)
-            except OSError as exc:
-                raise UserError(f"data.processed_dir: writing {out} failed ({exc.strerror or exc})") from None
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    except UserError:  # bad data or config: leave nothing behind
-        lock.unlink(missing_ok=True)
-        for p in created:
-            try:
-                p.rmdir()
-            except OSError:
-                break
+            else:
+                _build_into(data_cfg, out, log, tokenizer_path)
+    except UserError:  # bad data or config: leave nothing behind (an older build stays as it was)
+        if not out.exists():
+            lock.unlink(missing_ok=True)
+            _remove_empty(created)
         raise
     return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this call created (deepest first), stopping at the first that is not empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+def _build_into(data_cfg: Any, out: Path, log: Any, tokenizer_path: Path | None) -> None:
+    """Build in a temporary folder beside `out`, then put it in place of any older `out` (call under the lock)."""
+    try:
+        tmp = create_temp_dir(out.parent, f".{out.name}.")
+    except OSError as exc:
+        raise UserError(f"data.processed_dir: cannot write in {out.parent} ({exc.strerror or exc})") from None
+    try:
+        _build(data_cfg, tmp, out.name, log, tokenizer_path)
+        _replace_dir(tmp, out)
+    except OSError as exc:
+        raise UserError(f"data.processed_dir: writing {out} failed ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an older `out` is moved aside first and deleted after (put back if the rename fails).
+
+    A process that has the old arrays memory-mapped keeps reading them: deleting unlinks, the data stays.
+    """
+    if not out.exists():
+        new.rename(out)
+        return
+    old = create_temp_dir(out.parent, f".{out.name}.old.")
+    old.rmdir()  # only its unique name is wanted
+    out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- is the cache up to date?
+
+
+def _why_stale(out: Path, data_cfg: Any, log: Any) -> str | None:
+    """Why `out` must be (re)built: "" = it does not exist, None = up to date (built from the inputs there now)."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return ""
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["inputs"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return "its manifest.json is unreadable or records no inputs (made by an older llmcli)"
+    return _inputs_changed(recorded, data_cfg, log)
+
+
+def _packages(data_cfg: Any) -> dict[str, str | None]:
+    """The packages (with versions) the data config's built-in sources read."""
+    out: dict[str, str | None] = {}
+    for c in source_configs(data_cfg):
+        out.update(input_packages(c))
+    return out
+
+
+def input_record(data_cfg: Any, sources: list[Any]) -> dict[str, Any]:
+    """The manifest's `inputs`: every user file's identity (path, size, mtime_ns, sha256) and the packages read."""
+    return {"files": [f for s in sources for f in s.inputs], "packages": _packages(data_cfg)}
+
+
+def _inputs_changed(recorded: Any, data_cfg: Any, log: Any) -> str | None:
+    """Why the recorded inputs differ from those on disk now (None: the same; a touched-only file is noted)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), list):
+        return "its manifest records no inputs (made by an older llmcli)"
+    return _packages_changed(recorded.get("packages") or {}, data_cfg) or _files_changed(recorded, data_cfg, log)
+
+
+def _packages_changed(old: dict[str, Any], data_cfg: Any) -> str | None:
+    """Which built-in source packages changed version since the cache was built."""
+    packages = _packages(data_cfg)
+    if packages == old:
+        return None
+    diff = [f"{k} {old.get(k)} -> {v}" for k, v in packages.items() if old.get(k) != v]
+    return f"package versions changed ({', '.join(diff) or 'a package is no longer read'})"
+
+
+def _files_changed(recorded: dict[str, Any], data_cfg: Any, log: Any) -> str | None:
+    """Why the user files differ from their records (None: the same)."""
+    paths = [str(p.absolute()) for c in source_configs(data_cfg) for p in (input_files(c) or [])]
+    files = [f if isinstance(f, dict) else {} for f in recorded["files"]]
+    if paths != [f.get("path") for f in files]:
+        return _paths_changed([f.get("path") for f in files], paths)
+    for path, f in zip(paths, files):
+        why = _file_changed(Path(path), f, log)
+        if why:
+            return why
+    return None
+
+
+def _paths_changed(before: list[Any], now: list[str]) -> str:
+    """Which input files appeared or went away (a text source's glob, a moved file)."""
+    added = [p for p in now if p not in before]
+    gone = [str(p) for p in before if p not in now]
+    parts = ([f"new: {', '.join(added)}"] if added else []) + ([f"gone: {', '.join(gone)}"] if gone else [])
+    return f"the input files changed ({'; '.join(parts) or 'their order'})"
+
+
+def _file_changed(path: Path, rec: dict[str, Any], log: Any) -> str | None:
+    """Why one input file differs from its record: size + mtime the fast check, the sha256 the truth."""
+    try:
+        st = path.stat()
+    except OSError:
+        return f"{path} is gone"
+    if (st.st_size, st.st_mtime_ns) == (rec.get("size"), rec.get("mtime_ns")):
+        return None
+    if st.st_size != rec.get("size"):
+        return f"{path} changed ({rec.get('size')} -> {st.st_size} bytes)"
+    if sha256_file(path) != rec.get("sha256"):
+        return f"{path} changed (same size, different content: its sha256 differs)"
+    log(f"preprocess: {path} was touched but its content is unchanged (same sha256)")
+    return None
 
 
 # ---------------------------------------------------------------- pass 1: scan
@@ -161,9 +277,10 @@ class Scan:
             return -1
         self.first_of_kind.setdefault(type(r.label), r.where)
         if len(self.first_of_kind) > 1:
-            other = str if isinstance(r.label, int) else int
-            raise UserError(f"{r.where}: label {r.label!r} is a {type(r.label).__name__}, but {self.first_of_kind[other]} "
-                            f"has a {other.__name__} label; labels must be all strings or all integers")
+            mine, other = ("an integer", str) if isinstance(r.label, int) else ("a string", int)
+            theirs = "a string" if other is str else "an integer"
+            raise UserError(f"{r.where}: label {r.label!r} is {mine}, but {self.first_of_kind[other]} "
+                            f"has {theirs} label; labels must be all strings or all integers")
         if isinstance(r.label, str):
             return self.str_labels.setdefault(r.label, len(self.str_labels))
         return r.label
@@ -371,6 +488,7 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any, tokenizer_path: Pat
         "data_config": data_cfg.model_dump(mode="json"),
         "data_config_hash": sha256_json(data_key(data_cfg)),
         "input_hash": [s.input_hash for s in sources] if len(sources) > 1 else sources[0].input_hash,
+        "inputs": input_record(data_cfg, sources),
         "sources": [s.name for s in sources],
         "domains": domains,
         "train_domains": train_domains,
@@ -397,6 +515,4 @@ def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any, tokenizer_path: Pat
 
 def load_manifest(path: Path) -> dict[str, Any]:
     """The manifest of a processed folder."""
-    import json
-
     return json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))

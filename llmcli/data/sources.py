@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class Source:
     input_hash: str
     label_names: list[str] | None = None  # a declared class order (bible); else taken from the data
     domains: list[str] | None = None  # a declared domain order; else first-seen
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # `file_identity` of each user file it reads
 
 
 def _nonempty(records: Iterator[Record], what: str) -> Iterator[Record]:
@@ -65,11 +66,51 @@ def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield n, line.lstrip("\ufeff") if n == 1 else line
 
 
-def _file(path: str, field: str = "data.source.path") -> Path:
+def _file(path: str, where: str = "data.source.path") -> Path:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{field}: {p}: file not found")
+        raise UserError(f"{where}: {p}: file not found")
     return p
+
+
+# ---------------------------------------------------------------- what a source reads (the cache's key)
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """An input file as the processed-data cache records it: absolute path, size, mtime_ns and sha256."""
+    from llmcli.io import sha256_file
+
+    st = path.stat()  # before the hash: a write during hashing leaves a newer mtime, so the next check re-hashes
+    return {"path": str(path.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def input_files(cfg: Any) -> list[Path] | None:
+    """The user files a source config reads, in read order (cheap: no file is opened).
+
+    None for a source without user files (the bible) or one this module does not know (a plugin).
+    """
+    if cfg.name in ("jsonl", "csv", "parquet"):
+        return [Path(cfg.path)]
+    if cfg.name == "text":
+        return _glob_files(cfg.glob)
+    return None
+
+
+def input_packages(cfg: Any) -> dict[str, str | None]:
+    """The installed packages a built-in source reads, with their versions (None = not installed); {} otherwise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if cfg.name != "bible":
+        return {}
+    from llmcli.data import bible
+
+    out: dict[str, str | None] = {}
+    for name in ("pythonbible", *(bible.package_name(v) for v in cfg.versions)):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 # ---------------------------------------------------------------- table-like rows -> records
@@ -99,15 +140,14 @@ def _native_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
             raise UserError(f"{where}: an integer {cfg.label_field!r} is a class id in [0, {MAX_CLASS_ID}), got {label}")
         return label
     raise UserError(f"{where}: {cfg.label_field!r} must be a string, an integer or null, "
-                    f"got a {type(label).__name__} ({label!r})")
+                    f"got {type(label).__name__} {label!r}")
 
 
 def _file_source(kind: str, cfg: Any, rows: Callable[[Any, Path], Iterator[Record]]) -> Source:
     """A source over one file (`cfg.path`): rows read lazily, the file's sha256 as its cache identity."""
-    from llmcli.io import sha256_file
-
     path = _file(cfg.path)
-    return Source(kind, lambda: _nonempty(rows(cfg, path), str(path)), sha256_file(path))
+    identity = file_identity(path)
+    return Source(kind, lambda: _nonempty(rows(cfg, path), str(path)), identity["sha256"], inputs=[identity])
 
 
 def _jsonl_rows(cfg: Any, path: Path) -> Iterator[Record]:
@@ -232,19 +272,26 @@ def _text_rows(cfg: Any, files: list[Path]) -> Iterator[Record]:
             yield Record(text, cfg.label, domain, str(path) if cfg.group_by == "file" else where, where)
 
 
+def _glob_files(pattern: str) -> list[Path]:
+    """The files a text source's glob matches, sorted (folders skipped)."""
+    import glob
+
+    return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+
+
 def text_source(cfg: Any) -> Source:
     """Records from plain-text files matched by a glob."""
-    import glob
     import hashlib
 
-    files = sorted(Path(p) for p in glob.glob(cfg.glob, recursive=True) if Path(p).is_file())
+    files = _glob_files(cfg.glob)
     if not files:
         raise UserError(f"data.source.glob: no files match {cfg.glob!r}")
+    inputs = [file_identity(f) for f in files]
     h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return Source("text", lambda: _nonempty(_text_rows(cfg, files), f"data.source.glob {cfg.glob!r}"), h.hexdigest())
+    for f in inputs:
+        h.update(f"{f['path']}\0{f['sha256']}\n".encode())
+    return Source("text", lambda: _nonempty(_text_rows(cfg, files), f"data.source.glob {cfg.glob!r}"), h.hexdigest(),
+                  inputs=inputs)
 
 
 # ---------------------------------------------------------------- the built-in corpus

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
 from llmcli.io import read_json_object
+
+
+def _what_it_has(run_dir: Path) -> str:
+    """The end of a missing-checkpoint message: the checkpoints the run does have, or why it has none."""
+    have = sorted(p.name.removesuffix(".safetensors") for p in (run_dir / "checkpoints").glob("*.safetensors")
+                  if not p.name.endswith(".prev.safetensors"))
+    try:  # a compressed run (written by `llmcli compress`) has only the checkpoint it was made into
+        compressed = "compression" in json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        compressed = False
+    listed = ", ".join(have)
+    if compressed:
+        return f"a compressed run has only the checkpoint(s) it was written with: {listed or 'none'}"
+    return f"the run has only: {listed}" if have else "has it trained?"
 
 
 @dataclass
@@ -37,7 +52,7 @@ def load_trained(run_dir: Path, which: str = "best") -> Trained:
     manifest = read_json_object(run_dir / "data_manifest.json", "data manifest", ("vocab_size", "label_names"))
     path = run_dir / "checkpoints" / f"{which}.safetensors"
     if not path.is_file():
-        raise UserError(f"{run_dir}: no {which} checkpoint (checkpoints/{which}.safetensors); has it trained?")
+        raise UserError(f"{run_dir}: no {which} checkpoint (checkpoints/{which}.safetensors); {_what_it_has(run_dir)}")
     tensors, side = load_checkpoint(path)
     model = build_model(cfg.model, vocab_size=manifest["vocab_size"], n_classes=len(manifest["label_names"]),
                         max_len=cfg.data.max_len)
