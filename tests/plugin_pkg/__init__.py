@@ -1,0 +1,1 @@
+"""A third-party component package, as a user would write one; tests/test_components.py loads it as a plugin."""
