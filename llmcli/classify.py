@@ -17,8 +17,7 @@ def classify(run_dir: str | Path, texts: list[str], *, k: int = 3, checkpoint: s
     if not texts:
         raise UserError("eval: no texts to classify")
     run_dir = Path(run_dir)
-    which = checkpoint or ("best" if (run_dir / "checkpoints" / "best.safetensors").is_file() else "last")
-    t = load_trained(run_dir, which)
+    t = load_trained(run_dir, checkpoint)  # runs.choose_checkpoint: None = best if the run has it, else last
     tok, names = t.tokenizer, t.manifest["label_names"]
     body = t.cfg.data.max_len - 2  # as in training: [BOS] text [EOS], cut to max_len
     seqs = [[tok.bos_id, *ids[:body], tok.eos_id] for ids in tok.encode_batch(texts)]

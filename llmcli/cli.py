@@ -1,4 +1,5 @@
-"""The `llmcli` command line. Each command parses its arguments and calls one plain function.
+"""The `llmcli` command line. Each command parses its arguments and calls one plain function
+(the longer ones, `train` and `sweep-alpha`, in llmcli/commands.py, with their flag cross-checks).
 
 Heavy modules (torch, the data pipeline) are imported inside the commands, so `llmcli --help`
 stays fast. A `UserError` anywhere becomes one line on stderr and exit code 2.
@@ -6,7 +7,6 @@ stays fast. A `UserError` anywhere becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+from llmcli import commands
 
 _METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT", "list[int]": "INTEGER"}
 # options whose value is a path or a pair: the same placeholder in every command that has them
@@ -151,14 +153,6 @@ def _root(
     """A command-line lab for conflicting objectives (L vs T) and mismatched generalisation (in- vs out-of-domain)."""
 
 
-def _log(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
-def _quiet(msg: str) -> None:
-    """Log sink of non-zero torchrun ranks."""
-
-
 def _guard(fn: Callable[[], Any], config: str | None = None) -> Any:
     """Run a command body: bad input -> one line on stderr, exit 2; a failed run -> exit 1;
     a stop on SIGINT/SIGTERM -> exit 128 + signal (130 for Ctrl-C).
@@ -196,17 +190,6 @@ def _with_file(msg: str, config: str | None) -> str:
     return f"{config}: {msg}" if config and is_field_message(msg) else msg
 
 
-def _config(path: str, overrides: list[str], test_domains: str | None = None) -> Any:
-    from llmcli.config import load_config
-
-    cfg = load_config(Path(path), overrides)
-    if test_domains is None:
-        return cfg
-    from llmcli.loo import hold_out, parse_list
-
-    return hold_out(cfg, parse_list(test_domains, "--test-domains"))
-
-
 TEST_DOMAINS_HELP = "Hold these domains out entirely (test only, never trained or validated on): wyc,ylt"
 
 
@@ -221,7 +204,7 @@ def preprocess(
         from llmcli.data.preprocess import preprocess as run
         from llmcli.data.report import print_report
 
-        out = run(_config(config, set_).data, log=_log)
+        out = run(commands.config_from_flags(config, set_).data, log=commands.log)
         print_report(out)
         typer.echo(out)
 
@@ -243,46 +226,9 @@ def train(
     loo_dir: Optional[str] = typer.Option(None, "--loo-dir", help="With --loo: write here (finished cells are kept)."),
 ) -> None:
     """Train a model; writes runs/<YYYYmmdd-HHMMSS>-<name>-<hex>/ and prints its path."""
-
-    def body() -> None:
-        from llmcli.errors import UserError
-        from llmcli.selection import train_and_select as run  # the engine, then LODO selection if asked
-
-        if resume is None and config is None:
-            raise UserError("train: give a CONFIG, or --resume RUN_DIR")
-        if resume is not None and (config is not None or set_ or test_domains or loo):
-            raise UserError("train: --resume continues a run with its own saved config; drop CONFIG, --set, "
-                            "--test-domains and --loo")
-        if not loo and (methods or loo_dir):
-            raise UserError("train: --methods and --loo-dir go with --loo")
-        if loo and test_domains:
-            raise UserError("train: --loo holds out each domain in turn; drop --test-domains")
-        cfg = _config(config, set_, test_domains) if config else None
-        if loo:
-            from llmcli.loo import leave_one_out, parse_list
-            from llmcli.sweep import SweepInterrupted
-
-            names = parse_list(methods, "--methods") if methods else [cfg.dg.name]
-            try:
-                out = leave_one_out(cfg, names, runs_dir=runs_dir, out_dir=Path(loo_dir) if loo_dir else None,
-                                    progress=progress, log=_log)
-            except SweepInterrupted as exc:  # the exact command that continues the table, then exit 128 + signal
-                import shlex
-
-                again = ["llmcli", "train", config, *(a for s in set_ for a in ("--set", s)), "--loo",
-                         "--methods", ",".join(names), "--loo-dir", str(exc.folder)]
-                _log(f"loo: continue with: {shlex.join(again)}")
-                typer.echo(exc.folder)
-                raise
-            typer.echo((out / "loo.md").read_text(encoding="utf-8"), err=True)
-            typer.echo(out)
-            return
-        main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone talks to the user
-        out = run(cfg, runs_dir=runs_dir, resume=resume, progress=progress and main, log=_log if main else _quiet)
-        if main:
-            typer.echo(out)
-
-    _guard(body, config or (resume and str(Path(resume) / "config.yaml")))
+    _guard(lambda: commands.train(config, set_, resume=resume, runs_dir=runs_dir, progress=progress,
+                                  test_domains=test_domains, loo=loo, methods=methods, loo_dir=loo_dir),
+           config or (resume and str(Path(resume) / "config.yaml")))
 
 
 @app.command("eval")
@@ -317,13 +263,13 @@ def eval_(
         console = Console(width=200)
         results = []
         for run_dir in run_dirs:
-            result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=_log)
+            result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=commands.log)
             written = [] if no_write else write_result(Path(run_dir), result, eval_stem(split, data))
             results.append(result)
             console.print(render_table(result))
             for w in result["warnings"]:
-                _log(f"warning: {run_dir}: {w}")
-            _log(f"eval: wrote {', '.join(map(str, written))}" if written
+                commands.log(f"warning: {run_dir}: {w}")
+            commands.log(f"eval: wrote {', '.join(map(str, written))}" if written
                  else f"eval: {run_dir}: nothing written (--no-write)")
         if len(results) > 1:
             console.print(render_comparison(results))
@@ -355,7 +301,7 @@ def generate(
     show_probs: Optional[int] = typer.Option(None, "--show-probs", help="Print the K most probable next tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text (samples counted "
                                  "from 1, as in the text)."),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="best (last when the run has no best) or last."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best (default when present) or last."),
 ) -> None:
     """Continue prompts with a trained model; one prompt is streamed to stdout."""
 
@@ -367,7 +313,7 @@ def generate(
                       top_p=top_p, show_probs=show_probs, seed=seed)
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])] or [""]
         kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
-              "top_k": top_k if top_k is not None else -1, "seed": seed, "checkpoint": checkpoint, "log": _log}
+              "top_k": top_k if top_k is not None else -1, "seed": seed, "checkpoint": checkpoint, "log": commands.log}
         _generate(run_dir, prompts, num_samples, show_probs, as_json, kw)
 
     _guard(body)
@@ -426,7 +372,7 @@ def compress(
         from llmcli.compress import render_report
         from llmcli.io import read_json_object
 
-        out = run(run_dir, quantize=quantize, prune=prune, runs_dir=runs_dir, split=split, log=_log)
+        out = run(run_dir, quantize=quantize, prune=prune, runs_dir=runs_dir, split=split, log=commands.log)
         Console(width=140, stderr=True).print(render_report(read_json_object(out / "compress.json", "compress report")))
         typer.echo(out)
 
@@ -452,37 +398,10 @@ def sweep_alpha(
     test_domains: Optional[str] = typer.Option(None, "--test-domains", help=TEST_DOMAINS_HELP),
 ) -> None:
     """Map the L-vs-T trade-off: one run per alpha (or one conditioned run); results.csv, pareto.png, summary.md."""
-
-    def body() -> None:
-        from llmcli.errors import UserError
-        from llmcli.sweep import SweepFailed, SweepInterrupted, parse_grid, parse_seeds
-        from llmcli.sweep import sweep_alpha as run
-
-        if resume is None and config is None:
-            raise UserError("sweep-alpha: give a CONFIG, or --resume SWEEP_DIR")
-        grid = parse_grid(alphas, "--alphas") if alphas is not None else None
-        bgrid = parse_grid(betas, "--betas", 0.0, float("inf")) if betas is not None else None
-        seed_list = parse_seeds(seeds) if seeds is not None else None
-        if workers is not None and workers < 1:
-            raise UserError(f"--workers: must be >= 1, got {workers}")
-        if resume is not None and (config is not None or set_ or grid or bgrid or seed_list or mode != "exact"
-                                   or test_domains):
-            raise UserError("sweep-alpha: --resume finishes a sweep with its own grid and config; drop the others")
-        cfg = _config(config, set_, test_domains) if config else None
-        try:
-            out = run(cfg, grid, betas=bgrid, seeds=seed_list, workers=workers, mode=mode, backend=backend,
-                      ray_address=ray_address, compare=compare, runs_dir=runs_dir, resume=resume,
-                      progress=progress, log=_log)
-        except SweepFailed as exc:
-            typer.echo(f"error: {exc}", err=True)
-            typer.echo(exc.sweep_dir)
-            raise typer.Exit(1) from None
-        except SweepInterrupted as exc:  # the resume command is on stderr already; the folder goes to stdout
-            typer.echo(exc.folder)
-            raise
-        typer.echo(out)
-
-    _guard(body, config)
+    _guard(lambda: commands.sweep_alpha(config, set_, alphas=alphas, betas=betas, seeds=seeds, workers=workers,
+                                        mode=mode, compare=compare, backend=backend, ray_address=ray_address,
+                                        resume=resume, runs_dir=runs_dir, progress=progress,
+                                        test_domains=test_domains), config)
 
 
 @app.command()
@@ -496,7 +415,7 @@ def reproduce(
     def body() -> None:
         from llmcli.reproduce import reproduce as run
 
-        result = run(run_dir, steps=steps, atol=atol, log=_log)
+        result = run(run_dir, steps=steps, atol=atol, log=commands.log)
         if not result.ok:
             typer.echo(f"reproduce: DIFFERENT at {result.difference}")
             raise typer.Exit(1)
@@ -516,7 +435,7 @@ def validate(
     def body() -> None:
         from llmcli.config import dump_config
 
-        typer.echo(dump_config(_config(config, set_)), nl=False)
+        typer.echo(dump_config(commands.config_from_flags(config, set_)), nl=False)
 
     _guard(body)
 

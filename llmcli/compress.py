@@ -1,12 +1,8 @@
 """`llmcli compress`: a pruned and/or int8-quantised copy of a run, as a new self-describing run folder.
 
 Pruning: torch.nn.utils.prune (L1, unstructured, per Linear layer; made permanent). Quantisation: torch's
-dynamic int8 quantisation of Linear layers on CPU (torch.ao.quantization.quantize_dynamic; weights int8,
-activations quantised on the fly). The tied LM head shares the embedding matrix and stays float.
-
-The checkpoint stays safetensors: a quantised layer is stored as its int8 weight, scale, zero point and
-float bias (`qlinear.<module>.*`), everything else as float `model.*`; the sidecar's `compression`
-record says which layers to re-quantise at load, where the stored int8 weights are put back unchanged.
+dynamic int8 quantisation of Linear layers on CPU. The tied LM head shares the embedding matrix and stays float.
+How the compressed checkpoint is stored and loaded back is the models' business: llmcli/models/formats.py.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ import os
 import secrets
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +20,17 @@ from torch import nn
 
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_bytes, atomic_write_json, sha256_file
+from llmcli.models.formats import (
+    FLOAT_PREFIX,
+    QLINEAR_PREFIX,
+    QUANTIZE,
+    RECORD,
+    compressed_tensors,
+    float_state,
+    quantize_int8,
+)
+from llmcli.runs import create_run_dir, new_meta, timestamp
 
-QUANTIZE = ("int8",)
 COPIED = ("config.yaml", "tokenizer.json", "data_manifest.json")
 
 
@@ -60,71 +64,6 @@ def prune_linear(model: nn.Module, names: list[str], amount: float) -> float:
     return zeros / max(total, 1)
 
 
-def quantize_int8(model: nn.Module, names: list[str]) -> nn.Module:
-    """Dynamic int8 quantisation of the named Linear layers, in place."""
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # torch marks this path deprecated in favour of torchao; it still works
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {n: default_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
-
-
-def _qlinears(model: nn.Module) -> dict[str, Any]:
-    from torch.ao.nn.quantized.dynamic import Linear as QLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
-
-
-def compressed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """safetensors-ready tensors of a (possibly quantised) model: float `model.*`, int8 `qlinear.*`."""
-    out = {}
-    q = _qlinears(model)
-    for n, m in q.items():
-        w = m.weight()  # per-tensor affine qint8
-        out[f"qlinear.{n}.weight"] = w.int_repr().contiguous()
-        out[f"qlinear.{n}.scale"] = torch.tensor([w.q_scale()], dtype=torch.float64)
-        out[f"qlinear.{n}.zero_point"] = torch.tensor([w.q_zero_point()], dtype=torch.int64)
-        if m.bias() is not None:
-            out[f"qlinear.{n}.bias"] = m.bias().detach().contiguous().clone()
-    for k, v in _float_state(model, list(q)).items():
-        out[f"model.{k}"] = v.detach().cpu().contiguous().clone()
-    return out
-
-
-def _float_state(model: nn.Module, quantized: list[str]) -> dict[str, torch.Tensor]:
-    """Float tensors of the state dict outside the quantised layers, a tied matrix once (its first name)."""
-    out, seen = {}, set()
-    for k, v in model.state_dict().items():
-        if not isinstance(v, torch.Tensor) or v.is_quantized or any(k.startswith(f"{n}.") for n in quantized):
-            continue
-        if v.data_ptr() in seen:  # e.g. lm_head.weight is the embedding: loading one restores both
-            continue
-        seen.add(v.data_ptr())
-        out[k] = v
-    return out
-
-
-def restore_compressed(model: nn.Module, tensors: dict[str, torch.Tensor], record: dict[str, Any], path: Path) -> nn.Module:
-    """Rebuild a compressed checkpoint into a freshly built float model (re-quantising what was quantised)."""
-    names = record.get("quantized", [])
-    floats = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    missing = sorted(set(_float_state(model, names)) - set(floats))
-    if missing or any(f"qlinear.{n}.weight" not in tensors for n in names):
-        raise UserError(f"{path}: compressed checkpoint lacks weights ({', '.join(missing[:3]) or 'qlinear'})")
-    model.load_state_dict(floats, strict=False)
-    if record.get("quantize") == "int8":
-        quantize_int8(model, names)
-        q = _qlinears(model)
-        for n in names:
-            w = torch._make_per_tensor_quantized_tensor(tensors[f"qlinear.{n}.weight"],
-                                                        float(tensors[f"qlinear.{n}.scale"]),
-                                                        int(tensors[f"qlinear.{n}.zero_point"]))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q[n].set_weight_bias(w, tensors.get(f"qlinear.{n}.bias"))
-    return model.eval()
-
-
 def compress(run_dir: str | Path, *, quantize: str | None = None, prune: float | None = None,
              runs_dir: str | Path | None = None, checkpoint: str | None = None, split: str = "test",
              log: Any = print) -> Path:
@@ -133,17 +72,17 @@ def compress(run_dir: str | Path, *, quantize: str | None = None, prune: float |
     The parent is only read (its eval is computed, not written). The child is built in a hidden temp folder beside
     its target and renamed into place once complete, so a failure or Ctrl-C leaves no run folder behind.
     """
-    from llmcli.evaluate import SPLITS, _default_checkpoint
+    from llmcli.evaluate import SPLITS
     from llmcli.models.load import load_trained
 
     check_options(quantize, prune)
     if split not in SPLITS:
         raise UserError(f"--split: {split!r} is not a split (allowed: {', '.join(SPLITS)})")
     parent = Path(run_dir)
-    which = checkpoint or _default_checkpoint(parent)
-    t = load_trained(parent, which)
-    if t.checkpoint.get("compression"):
-        raise UserError(f"{parent}: already a compressed run; compress its parent {t.checkpoint['compression']['parent']}")
+    t = load_trained(parent, checkpoint)
+    which = t.which
+    if t.checkpoint.get(RECORD):
+        raise UserError(f"{parent}: already a compressed run; compress its parent {t.checkpoint[RECORD]['parent']}")
     model, record = _compressed_model(t, parent, which, quantize, prune)
     root = Path(runs_dir) if runs_dir else parent.parent
     staging = _staging_dir(root)
@@ -193,8 +132,6 @@ def _write_child(out: Path, parent: Path, t: Any, model: nn.Module, record: dict
     """The compressed run's files: the parent's config, tokenizer and data manifest, the checkpoint, meta.json."""
     from safetensors.torch import save
 
-    from llmcli.runs import new_meta
-
     try:
         for name in COPIED:
             shutil.copy2(parent / name, out / name)
@@ -203,17 +140,15 @@ def _write_child(out: Path, parent: Path, t: Any, model: nn.Module, record: dict
         raise UserError(f"{out}: cannot write the compressed run ({exc.strerror})") from None
     ck = out / "checkpoints" / "best.safetensors"
     atomic_write_bytes(ck, save(compressed_tensors(model)))
-    atomic_write_json(ck.with_suffix(".json"), {"step": t.checkpoint["step"], "compression": record,
+    atomic_write_json(ck.with_suffix(".json"), {"step": t.checkpoint["step"], RECORD: record,
                                                 "sha256": sha256_file(ck)})
-    meta = new_meta(t.cfg.seed, {"name": t.cfg.name, "parent": str(parent), "compression": record,
+    meta = new_meta(t.cfg.seed, {"name": t.cfg.name, "parent": str(parent), RECORD: record,
                                  "step": t.checkpoint["step"], "device": "cpu"})
-    atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": timestamp()})
 
 
 def _publish(staging: Path, root: Path, name: str, report: dict[str, Any]) -> Path:
     """Move the finished staging folder to a fresh run folder name (reserved empty by create_run_dir, then replaced)."""
-    from llmcli.runs import create_run_dir
-
     out = create_run_dir(root, name)
     try:
         atomic_write_json(staging / "compress.json", {**report, "compressed": str(out)})
@@ -232,10 +167,10 @@ def weight_bytes(run_dir: Path, which: str) -> int:
     from llmcli.models.load import load_trained
 
     t = load_trained(run_dir, which)
-    if t.checkpoint.get("compression"):  # saved without duplicates: every model tensor in the file counts
+    if t.checkpoint.get(RECORD):  # saved without duplicates: every model tensor in the file counts
         tensors = load_file(str(Path(run_dir) / "checkpoints" / f"{which}.safetensors"))
-        return sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(("model.", "qlinear.")))
-    return sum(v.numel() * v.element_size() for v in _float_state(t.model, []).values())
+        return sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith((FLOAT_PREFIX, QLINEAR_PREFIX)))
+    return sum(v.numel() * v.element_size() for v in float_state(t.model, []).values())
 
 
 REPEATS = 5  # timed passes per model; the report keeps the median

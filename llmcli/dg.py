@@ -1,26 +1,33 @@
 """Domain-generalisation methods: how the task loss T is formed from a batch drawn over several train domains.
 
-Interface (registry kind "dg", docs/generalisation.md): `task_loss(model, batch, out, loss_fn, step) ->
-(T, logs)` where `out` is `TwoHeadModel.losses(...)` (`task_loss`, `logits` (B, C), `features` (B, D)) and
+The contract (registry kind "dg") is `llmcli.contracts.DGMethod`: `task_loss(model, batch, out, loss_fn, step)
+-> (T, logs)` where `out` is `TwoHeadModel.losses(...)` (`task_loss`, `logits` (B, C), `features` (B, D)) and
 `loss_fn(logits, labels)` the run's task loss; T (a scalar tensor) goes to the objective beside L, so any DG
-method combines with any objective. `parameters()`, `state_dict()/load_state_dict()` as for objectives.
-Builders get `domains` (data indices of the labeled train domains), `names` (their names), `stream_domains`
-(data indices of every domain in the training stream, lm_only ones included) and `d_model`.
+method combines with any objective. The registry names each class here directly: it is built as
+`cls(cfg, domains=, names=, stream_domains=, d_model=, grad_accum_steps=)` and takes what it needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
+
+from llmcli.contracts import DGMethod, TaskLoss
+
+if TYPE_CHECKING:
+    from llmcli.config import CORALConfig, DANNConfig, ERMConfig, GroupDROConfig, IRMConfig, MLDGConfig
+    from llmcli.data.dataset import Batch
 
 Params = list[torch.Tensor]
+Out = dict[str, torch.Tensor]  # TwoHeadModel.losses(...): task_loss, logits (B, C), features (B, D)
 
 
-def per_domain(out: dict[str, Any], batch: Any, loss_fn: Any, domains: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+def per_domain(out: Out, batch: Batch, loss_fn: TaskLoss, domains: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
     """(position in `domains`, task loss over that domain's labeled rows) for each domain with labeled rows."""
     res = []
     for k, d in enumerate(domains):
@@ -30,31 +37,13 @@ def per_domain(out: dict[str, Any], batch: Any, loss_fn: Any, domains: Sequence[
     return res
 
 
-class DGMethod:
-    """Shared plumbing: no parameters, empty state."""
-
-    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str]) -> None:
-        self.cfg, self.domains, self.names = cfg, list(domains), list(names)
-
-    def parameters(self) -> list[nn.Parameter]:
-        """Trainable tensors of the method (none by default)."""
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        """State to checkpoint (JSON-able)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state."""
-
-    def end_step(self) -> None:
-        """Called once per optimiser step, after all its micro-batches (default: nothing)."""
-
-
 class ERM(DGMethod):
     """The task loss pooled over every labeled row, whatever its domain."""
 
-    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+    cfg: ERMConfig
+
+    def task_loss(self, model: nn.Module, batch: Batch, out: Out, loss_fn: TaskLoss,
+                  step: int) -> tuple[torch.Tensor, dict]:
         """The model's own pooled task loss."""
         return out["task_loss"], {}
 
@@ -80,8 +69,11 @@ class GroupDRO(DGMethod):
     mean loss over the micro-batches it appeared in.
     """
 
-    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str], grad_accum_steps: int = 1) -> None:
-        super().__init__(cfg, domains, names)
+    cfg: GroupDROConfig
+
+    def __init__(self, cfg: GroupDROConfig, *, domains: Sequence[int], names: Sequence[str], grad_accum_steps: int = 1,
+                 **_: Any) -> None:
+        super().__init__(cfg, domains=domains, names=names)
         self.q = torch.full((len(self.domains),), 1.0 / len(self.domains))
         self.accum = grad_accum_steps
         self._reset()
@@ -90,7 +82,8 @@ class GroupDRO(DGMethod):
         self._sum = torch.zeros(len(self.domains))  # (K,) summed per-domain losses of this step's micro-batches
         self._seen = torch.zeros(len(self.domains))  # (K,) how many of them held the domain
 
-    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+    def task_loss(self, model: nn.Module, batch: Batch, out: Out, loss_fn: TaskLoss,
+                  step: int) -> tuple[torch.Tensor, dict]:
         """Weight this batch's per-domain losses by q (updating q first when a step is a single micro-batch)."""
         pairs = per_domain(out, batch, loss_fn, self.domains)
         if not pairs:
@@ -129,7 +122,7 @@ class GroupDRO(DGMethod):
 # ---------------------------------------------------------------- IRMv1
 
 
-def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, loss_fn: Any) -> torch.Tensor:
+def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, loss_fn: TaskLoss) -> torch.Tensor:
     """IRMv1 penalty, unbiased: product of the loss gradients wrt a dummy scale w = 1 on the even and odd rows.
 
     ||dR/dw||^2 squared on one sample is biased upward by Var/n (positive even where the classifier is optimal
@@ -150,7 +143,10 @@ class IRM(DGMethod):
     objective, so a rescale would cut the task's weight and hand MGDA / PCGrad / a constraint T/lambda).
     """
 
-    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+    cfg: IRMConfig
+
+    def task_loss(self, model: nn.Module, batch: Batch, out: Out, loss_fn: TaskLoss,
+                  step: int) -> tuple[torch.Tensor, dict]:
         """Mean per-domain risk (domains with a labeled row) + lambda * mean penalty (domains with two or more)."""
         rows = [(batch.domains == d) & (batch.labels >= 0) for d in self.domains]
         rows = [r for r in rows if bool(r.any())]
@@ -183,7 +179,10 @@ def coral_penalty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class CORAL(DGMethod):
     """Sun & Saenko 2016: pooled task loss + weight * mean CORAL penalty over pairs of train domains."""
 
-    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+    cfg: CORALConfig
+
+    def task_loss(self, model: nn.Module, batch: Batch, out: Out, loss_fn: TaskLoss,
+                  step: int) -> tuple[torch.Tensor, dict]:
         """Align the pooled features (B, D) of every pair of domains with at least two rows in the batch."""
         feats = [out["features"][batch.domains == d] for d in self.domains]
         feats = [f.float() for f in feats if f.shape[0] >= 2]
@@ -221,7 +220,10 @@ class _Classify(nn.Module):
 class MLDG(DGMethod):
     """Li et al. 2018: each step one present train domain (rotating with the step) is the meta-test domain."""
 
-    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+    cfg: MLDGConfig
+
+    def task_loss(self, model: nn.Module, batch: Batch, out: Out, loss_fn: TaskLoss,
+                  step: int) -> tuple[torch.Tensor, dict]:
         """F on the meta-train rows, G on the meta-test rows after one virtual step (own forward passes)."""
         labeled = batch.labels >= 0
         present = [d for d in self.domains if bool(((batch.domains == d) & labeled).any())]
@@ -259,12 +261,12 @@ class _Reverse(torch.autograd.Function):
     """Identity forward; the gradient is multiplied by -scale on the way back."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return -ctx.scale * grad, None
 
 
@@ -276,9 +278,11 @@ def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 class DANN(DGMethod):
     """Pooled task loss + weight * domain cross-entropy of a classifier that sees features through reversal."""
 
-    def __init__(self, cfg: Any, domains: Sequence[int], names: Sequence[str], stream_domains: Sequence[int],
-                 d_model: int) -> None:
-        super().__init__(cfg, domains, names)
+    cfg: DANNConfig
+
+    def __init__(self, cfg: DANNConfig, *, domains: Sequence[int], names: Sequence[str], stream_domains: Sequence[int],
+                 d_model: int, **_: Any) -> None:
+        super().__init__(cfg, domains=domains, names=names)
         self.stream = list(stream_domains)  # the classifier's classes: every domain in the training stream
         self.lookup = torch.full((max(self.stream) + 1,), -1, dtype=torch.long)
         self.lookup[self.stream] = torch.arange(len(self.stream))
@@ -288,7 +292,8 @@ class DANN(DGMethod):
         """The domain classifier's weights."""
         return list(self.classifier.parameters())
 
-    def task_loss(self, model: Any, batch: Any, out: dict[str, Any], loss_fn: Any, step: int) -> tuple[Any, dict]:
+    def task_loss(self, model: nn.Module, batch: Batch, out: Out, loss_fn: TaskLoss,
+                  step: int) -> tuple[torch.Tensor, dict]:
         """The features learn to fool the domain classifier while it learns to tell the domains apart."""
         feats = out["features"]  # (B, D)
         self.classifier.to(feats.device)
@@ -310,34 +315,3 @@ class DANN(DGMethod):
                 if k in state:
                     v.copy_(torch.tensor(state[k], dtype=v.dtype))
 
-
-def build_erm(cfg: Any, **_: Any) -> ERM:
-    """ERM."""
-    return ERM(cfg, [], [])
-
-
-def build_group_dro(cfg: Any, *, domains: Sequence[int], names: Sequence[str], grad_accum_steps: int = 1,
-                    **_: Any) -> GroupDRO:
-    """GroupDRO; grad_accum_steps (train.grad_accum_steps) decides when q moves."""
-    return GroupDRO(cfg, domains, names, grad_accum_steps)
-
-
-def build_irm(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> IRM:
-    """IRMv1."""
-    return IRM(cfg, domains, names)
-
-
-def build_coral(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> CORAL:
-    """Deep CORAL."""
-    return CORAL(cfg, domains, names)
-
-
-def build_mldg(cfg: Any, *, domains: Sequence[int], names: Sequence[str], **_: Any) -> MLDG:
-    """MLDG."""
-    return MLDG(cfg, domains, names)
-
-
-def build_dann(cfg: Any, *, domains: Sequence[int], names: Sequence[str], stream_domains: Sequence[int],
-               d_model: int, **_: Any) -> DANN:
-    """DANN."""
-    return DANN(cfg, domains, names, stream_domains, d_model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +23,29 @@ MIN_EXAMPLES = 100  # below this a split's score is not evidence
 NEAR_LN_C = 0.95  # task loss above this share of ln(C) means the classifier is still near uniform
 
 
+# A model hook: called on the loaded model before scoring (e.g. to set a conditioned run's FiLM alpha); what it
+# returns (e.g. {"alpha": 0.25}) is recorded as the result's `condition`.
+Prepare = Callable[[Any], dict[str, Any] | None]
+
+
 def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
              data_config: str | Path | None = None, plots: bool = True, write: bool = True,
-             log: Any = print) -> dict[str, Any]:
+             log: Any = print, prepare: Prepare | None = None, stem: str | None = None) -> dict[str, Any]:
     """Per-domain metrics, gaps and warnings for one split; written to RUN_DIR/eval/<split>.json and returned.
 
     data_config: score on another data config's split instead (through the run's own tokenizer); the result
     then goes to RUN_DIR/eval/<split>-<config stem>.json. write=False: only return it (nothing in RUN_DIR changes).
+    prepare: a model hook (see Prepare); stem: the output file's stem instead (e.g. test-alpha-0.25).
     """
-    result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data_config, log=log)
+    result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data_config, log=log, prepare=prepare)
     if write:
-        write_result(Path(run_dir), result, eval_stem(split, data_config), plots=plots)
+        write_result(Path(run_dir), result, stem or eval_stem(split, data_config), plots=plots)
     return result
 
 
 def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
-              data_config: str | Path | None = None, log: Any = print) -> dict[str, Any]:
+              data_config: str | Path | None = None, log: Any = print,
+              prepare: Prepare | None = None) -> dict[str, Any]:
     """The eval result of one run and split, computed without writing anything into the run folder."""
     import torch
 
@@ -46,8 +54,9 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
     if split not in SPLITS:
         raise UserError(f"--split: {split!r} is not a split (allowed: {', '.join(SPLITS)})")
     run_dir = Path(run_dir)
-    which = checkpoint or _default_checkpoint(run_dir)
-    t = load_trained(run_dir, which)
+    t = load_trained(run_dir, checkpoint)  # runs.choose_checkpoint: None = best if the run has it, else last
+    which = t.which
+    condition = prepare(t.model) if prepare else None
     torch.set_num_threads(t.cfg.train.threads or torch.get_num_threads())
     data, leaks = _data(run_dir, t, data_config, split, log)
     per_domain, details, seconds = _score_domains(t, data, split)
@@ -57,6 +66,7 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
         "data": str(data_config) if data_config else "run",
         "checkpoint": which,
         "step": t.checkpoint["step"],
+        **({"condition": condition} if condition else {}),
         **selection(t.cfg, which),
         **_judged(t, data, split, per_domain, details, leaks),
         "seconds": round(seconds, 2),
@@ -206,10 +216,6 @@ def selection(cfg: Any, checkpoint: str) -> dict[str, Any]:
     """How the evaluated checkpoint was chosen: train.select_by for `best`; `oracle` is an upper bound."""
     select_by = cfg.train.select_by if checkpoint == "best" else "last step"
     return {"select_by": select_by, "upper_bound": select_by == "oracle"}
-
-
-def _default_checkpoint(run_dir: Path) -> str:
-    return "best" if (run_dir / "checkpoints" / "best.safetensors").is_file() else "last"
 
 
 TABLE_COLS = ("n", "lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1", "macro_recall", "ece")

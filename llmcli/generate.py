@@ -201,13 +201,12 @@ def _prompt_ids(tok: Any, prompt: str, block: int, log: Log | None = None) -> li
     return ids[-block:]
 
 
-def _load(run_dir: str | Path, checkpoint: str) -> Any:
+def _load(run_dir: str | Path, checkpoint: str | None) -> Any:
+    """The run's model; checkpoint None = best if the run has it, else last; an asked one must exist."""
     from llmcli.models.load import load_trained
 
-    run_dir = Path(run_dir)
-    which = checkpoint if (run_dir / "checkpoints" / f"{checkpoint}.safetensors").is_file() else "last"
     with too_big(f"{run_dir}: its model (model.* in config.yaml)"):
-        return load_trained(run_dir, which)
+        return load_trained(Path(run_dir), checkpoint)
 
 
 def settings(cfg: Any, *, max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = -1,
@@ -257,7 +256,7 @@ def complete(t: Any, prompts: Sequence[str], s: Sampling, *, num_samples: int = 
 
 
 def generate_all(run_dir: str | Path, prompts: Sequence[str], *, num_samples: int = 1, seed: int | None = None,
-                 checkpoint: str = "best", use_cache: bool = True, log: Log | None = None,
+                 checkpoint: str | None = None, use_cache: bool = True, log: Log | None = None,
                  **overrides: Any) -> list[Completion]:
     """Every completion of every prompt (num_samples each), generated in batches."""
     if not prompts:
@@ -274,7 +273,7 @@ def generate_all(run_dir: str | Path, prompts: Sequence[str], *, num_samples: in
     return out + last
 
 
-def generate(run_dir: str | Path, prompt: str, *, seed: int | None = None, checkpoint: str = "best",
+def generate(run_dir: str | Path, prompt: str, *, seed: int | None = None, checkpoint: str | None = None,
              use_cache: bool = True, log: Log | None = None, **overrides: Any) -> Iterator[str]:
     """Text pieces continuing `prompt` until EOS, a stop string or max_new_tokens (settings default to the config).
 
@@ -297,7 +296,7 @@ def _pieces(rows: Iterator[list[Completion]], s: Sampling) -> Iterator[str]:
 
 
 def top_next(run_dir: str | Path, prompts: Sequence[str], k: int, *,
-             checkpoint: str = "best") -> dict[str, list[tuple[str, float]]]:
+             checkpoint: str | None = None) -> dict[str, list[tuple[str, float]]]:
     """Per prompt: the k most probable next tokens (temperature 1) with their probabilities."""
     import torch
 

@@ -82,7 +82,7 @@ def leave_one_out(cfg: Any, methods: list[str], *, runs_dir: str | Path = "runs"
     """
     from llmcli.registry import registry
     from llmcli.runs import create_run_dir
-    from llmcli.sweep import SweepInterrupted, raise_interrupted, signals_to
+    from llmcli.sweep_exec import SweepInterrupted, raise_interrupted, signals_to
 
     if out_dir is not None:
         check_out_dir(Path(out_dir), "--loo-dir")

@@ -6,14 +6,23 @@ Builders take `n_classes` and, optionally, `class_counts` (training labels per c
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from llmcli.contracts import TaskLoss
 
-def balanced_weights(class_counts: Any, n_classes: int) -> torch.Tensor:
+if TYPE_CHECKING:
+    from llmcli.config import CrossEntropyLoss, MSELoss
+
+PerRow = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N, C) logits, (N,) labels -> (N,) losses
+
+
+def balanced_weights(class_counts: npt.ArrayLike, n_classes: int) -> torch.Tensor:
     """w_c = n / (k * n_c), k = classes present (scikit-learn's `balanced`); a class absent from training gets 0."""
     counts = torch.as_tensor(np.asarray(class_counts, dtype=np.float64), dtype=torch.float32)
     if counts.numel() != n_classes:
@@ -28,7 +37,8 @@ def class_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(lab[lab >= 0], minlength=n_classes)
 
 
-def _masked(per_row: Any, cfg: Any, n_classes: int, counts: Any) -> Any:
+def _masked(per_row: PerRow, cfg: CrossEntropyLoss | MSELoss, n_classes: int,
+            counts: npt.ArrayLike | None) -> TaskLoss:
     """Wrap a per-row loss (N,) into a masked, optionally class-weighted mean over labeled rows."""
     weights = balanced_weights(counts, n_classes) if cfg.class_weights == "balanced" and counts is not None else None
 
@@ -46,13 +56,13 @@ def _masked(per_row: Any, cfg: Any, n_classes: int, counts: Any) -> Any:
     return loss
 
 
-def build_cross_entropy(cfg: Any, *, n_classes: int, class_counts: Any = None) -> Any:
+def build_cross_entropy(cfg: CrossEntropyLoss, *, n_classes: int, class_counts: npt.ArrayLike | None = None) -> TaskLoss:
     """Masked cross-entropy with optional label smoothing and balanced class weights."""
     return _masked(lambda z, y: F.cross_entropy(z, y, reduction="none", label_smoothing=cfg.label_smoothing),
                    cfg, n_classes, class_counts)
 
 
-def build_mse(cfg: Any, *, n_classes: int, class_counts: Any = None) -> Any:
+def build_mse(cfg: MSELoss, *, n_classes: int, class_counts: npt.ArrayLike | None = None) -> TaskLoss:
     """Masked Brier score: sum over classes of (softmax - one-hot)^2, per row."""
 
     def brier(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (N, C), (N,) -> (N,)

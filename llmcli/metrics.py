@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from llmcli.contracts import TaskLoss
+    from llmcli.data.dataset import ProcessedData
+    from llmcli.models.model import TwoHeadModel
 
 # Metrics where higher is better; for the rest (losses, ppl, bpb) lower is better.
 HIGHER_IS_BETTER = {"acc", "macro_f1", "macro_recall"}
@@ -15,8 +20,8 @@ ECE_BINS = 15
 
 
 @torch.inference_mode()
-def score(model: Any, data: Any, idx: np.ndarray, batch_size: int, task_loss: Any, device: str = "cpu",
-          details: dict[str, Any] | None = None) -> dict[str, float]:
+def score(model: TwoHeadModel, data: ProcessedData, idx: np.ndarray, batch_size: int, task_loss: TaskLoss,
+          device: str = "cpu", details: dict[str, Any] | None = None) -> dict[str, float]:
     """lm_loss, ppl, bpb, task_loss, acc, macro_f1, macro_recall, ece over the records `idx` (batched by length).
 
     `details`, when given, receives the class probabilities ("probs", (N, C)) and gold labels ("golds", (N,)).

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from llmcli import contracts
+
 Probe = Callable[[int], dict[str, float]]  # step -> {"acc": ..., "task_loss": ...} on a held-out batch
 
 
@@ -39,8 +41,9 @@ def grad_cosine(lm_loss: torch.Tensor, task_loss: torch.Tensor, shared: list[tor
     return cosine(_flat(g_l, shared), _flat(g_t, shared))
 
 
-class Objective:
-    """Shared plumbing: the grad_cosine schedule and empty state."""
+class Objective(contracts.Objective):
+    """Shared plumbing: the config and the grad_cosine schedule (the no-op hooks and empty state come from
+    contracts.Objective)."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -50,34 +53,63 @@ class Objective:
         every = self.cfg.log_grad_every
         return bool(every) and step % every == 0
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """The objective's own trainable tensors (none by default)."""
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        """Objective state to checkpoint (JSON-able)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore objective state."""
-
 
 class Weighted(Objective):
     """L' = alpha * L + (1 - alpha) * T."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.alpha = cfg.alpha  # the training alpha: fixed here, drawn per batch by Conditioned
 
     def backward(self, lm_loss: torch.Tensor, task_loss: torch.Tensor, shared: list, step: int) -> dict[str, float]:
         """Backpropagate the combined loss; every log_grad_every steps also measure grad_cosine."""
         logs: dict[str, float] = {}
         if self.due(step):
             logs["grad_cosine"] = grad_cosine(lm_loss, task_loss, shared)
-        loss = self.cfg.alpha * lm_loss + (1 - self.cfg.alpha) * task_loss
+        loss = self.alpha * lm_loss + (1 - self.alpha) * task_loss
         loss.backward()
         logs["loss"] = float(loss.detach())
         return logs
 
     def score(self, lm_loss: float, task_loss: float) -> float:
-        """The objective's value on held-out losses: lower is better (used to keep `best`)."""
+        """The objective's value on held-out losses at the config's alpha: lower is better (used to keep `best`)."""
         return self.cfg.alpha * lm_loss + (1 - self.cfg.alpha) * task_loss
+
+
+class Conditioned(Weighted):
+    """Weighted objective whose alpha is drawn per batch (Beta(a, b) on [alpha_min, alpha_max]) and fed to the model
+    through FiLM layers (llmcli/models/film.py), so one run covers the trade-off ("You Only Train Once").
+
+    `score` stays Weighted's: held-out losses at the config's (evaluation) alpha.
+    """
+
+    def wrap_model(self, model: torch.nn.Module) -> None:
+        """Give the model its FiLM layers (before the optimiser is built, so they are trained)."""
+        from llmcli.models.film import attach_film
+
+        attach_film(model, self.cfg.film_hidden)
+
+    def prepare(self, model: torch.nn.Module, step: int | None) -> None:
+        """Draw this step's alpha (torch's seeded RNG: exact resume holds); step None = evaluation alpha."""
+        from llmcli.models.film import set_alpha
+
+        if step is None:
+            self.alpha = self.cfg.alpha
+        else:
+            lo, hi = self.cfg.alpha_min, self.cfg.alpha_max
+            self.alpha = lo + (hi - lo) * self._unit_draw()
+        set_alpha(model, self.alpha)
+
+    def _unit_draw(self) -> float:
+        """One draw in [0, 1] from Beta(a, b), through torch's seeded generator (uniform when a = b = 1)."""
+        a, b = self.cfg.alpha_beta
+        if a == b == 1.0:
+            return float(torch.rand(()))
+        return float(torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).sample())
+
+    def backward(self, lm_loss: torch.Tensor, task_loss: torch.Tensor, shared: list, step: int) -> dict[str, float]:
+        """alpha * L + (1 - alpha) * T with this batch's alpha, which is logged first."""
+        return {"alpha": self.alpha, **super().backward(lm_loss, task_loss, shared, step)}
 
 
 class Constrained(Objective):
@@ -242,28 +274,3 @@ class Uncertainty(Objective):
         if "log_vars" in state:
             with torch.no_grad():
                 self.log_vars.copy_(torch.tensor(state["log_vars"], dtype=self.log_vars.dtype))
-
-
-def build_weighted(cfg: Any) -> Weighted:
-    """The weighted objective."""
-    return Weighted(cfg)
-
-
-def build_constrained(cfg: Any) -> Constrained:
-    """The constrained (Lagrangian) objective."""
-    return Constrained(cfg)
-
-
-def build_pcgrad(cfg: Any) -> PCGrad:
-    """PCGrad."""
-    return PCGrad(cfg)
-
-
-def build_mgda(cfg: Any) -> MGDA:
-    """Two-task MGDA."""
-    return MGDA(cfg)
-
-
-def build_uncertainty(cfg: Any) -> Uncertainty:
-    """Uncertainty weighting."""
-    return Uncertainty(cfg)

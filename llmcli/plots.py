@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.io import atomic_write_bytes
+from llmcli.runs import read_metrics
 
 
 def _pyplot() -> Any:
@@ -158,7 +159,7 @@ def curves_figure(run_dir: Path) -> Any:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    recs = read_metrics(path)  # a damaged line is a UserError naming it; a crash-cut last line is dropped
     train = [r for r in recs if r.get("split") == "train"]
     val = [r for r in recs if r.get("split") == "val" and "lm_loss" in r]
     in_dom = _train_domains(run_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
+from llmcli.runs import timestamp
 
 # losses shown in a periodic line, in this order, when the train record has them
 SHOWN = ("lm_loss", "task_loss", "loss")
@@ -52,7 +53,7 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, disable=not show, desc="train", unit="step", dynamic_ncols=True)
 
     def _file(self, msg: str) -> None:
-        append_line(self.file, f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {msg}")
+        append_line(self.file, f"{timestamp()} {msg}")
 
     def note(self, msg: str) -> None:
         """A line for train.log only (how a run ended), best effort: a full disk must not hide the first error."""

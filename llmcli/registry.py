@@ -1,18 +1,22 @@
 """Closed registries of components, keyed by name.
 
-Each entry pairs a pydantic config class (validated at load time, torch-free) with a builder given
-as "module:function", imported only when a component is built, so `llmcli --help` stays light.
-Third parties add entries through the `llmcli.plugins` entry-point group: each entry point is a
-function called with the dict of registries.
+Each entry pairs a pydantic config class (validated at load time, torch-free) with what builds the
+component, given as "module:attr": a builder function or the component's class itself (called the same way,
+`attr(cfg, **runtime)`), imported only when a component is built, so `llmcli --help` stays light. What each
+kind builds and gets is its contract in `llmcli/contracts.py`. Third parties add entries through the
+`llmcli.plugins` entry-point group: each entry point is a function called with the dict of registries.
 """
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcli.errors import UserError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 PLUGIN_GROUP = "llmcli.plugins"
 
@@ -23,7 +27,7 @@ class Entry:
 
     name: str
     config: type
-    builder: str  # "module:function"
+    builder: str  # "module:function" or "module:Class", called as builder(cfg, **runtime)
 
 
 @dataclass
@@ -51,10 +55,9 @@ class Registry:
             raise UserError(f"unknown {self.kind} {name!r} (valid: {', '.join(self.names())})")
         return self.entries[name]
 
-    def build(self, cfg: Any, **runtime: Any) -> Any:
+    def build(self, cfg: BaseModel, **runtime: Any) -> Any:
         """Build the component named by `cfg.name` from its own sub-config plus runtime arguments."""
-        module, func = self.get(cfg.name).builder.split(":")
-        return getattr(importlib.import_module(module), func)(cfg, **runtime)
+        return pkgutil.resolve_name(self.get(cfg.name).builder)(cfg, **runtime)
 
 
 REGISTRIES: dict[str, Registry] = {

@@ -3,7 +3,6 @@ record by record, with the recorded ones (what a CI reproducibility job runs).""
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 from llmcli.errors import UserError
 from llmcli.io import read_json_object
+from llmcli.runs import load_run_config, metric_lines, read_metrics
 
 
 @dataclass
@@ -26,28 +26,6 @@ class Comparison:
     def ok(self) -> bool:
         """True when every record matched."""
         return self.difference is None
-
-
-def read_metrics(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) of every line of a metrics.jsonl; a malformed line is a UserError."""
-    if not path.is_file():
-        raise UserError(f"{path}: not found; the run folder is incomplete")
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise UserError(f"{path}:{lineno}: a metrics record must be an object with an integer 'step'")
-        out.append((lineno, rec))
-    return out
 
 
 def _same(a: Any, b: Any, atol: float) -> bool:
@@ -96,7 +74,6 @@ def _no_resume_advice(log: Any, tmp: str) -> Any:
 
 def reproduce(run_dir: str | Path, *, steps: int | None = None, atol: float = 0.0, log: Any = print) -> Comparison:
     """Re-run RUN_DIR's config for its first `steps` steps (default: as far as the run got) and compare."""
-    from llmcli.runs import load_run_config
     from llmcli.selection import train_and_select as train  # the engine, then LODO selection if select_by asks
 
     run_dir = Path(run_dir)
@@ -104,7 +81,7 @@ def reproduce(run_dir: str | Path, *, steps: int | None = None, atol: float = 0.
         raise UserError(f"--atol: must be a finite number >= 0, got {atol}")
     cfg = load_run_config(run_dir)
     metrics = run_dir / "metrics.jsonl"
-    recorded = read_metrics(metrics)
+    recorded = [(lineno, rec) for lineno, _, rec in metric_lines(metrics)]  # numbered: a difference names its line
     meta = read_json_object(run_dir / "meta.json", "run meta")
     reached = int(meta["step"] if isinstance(meta.get("step"), int) else max((r["step"] for _, r in recorded), default=0))
     if steps is not None and not 1 <= steps <= reached:
@@ -116,6 +93,6 @@ def reproduce(run_dir: str | Path, *, steps: int | None = None, atol: float = 0.
     with tempfile.TemporaryDirectory(prefix="llmcli-reproduce-") as tmp:
         rerun = train(cfg, runs_dir=tmp, progress=False, log=_no_resume_advice(log, tmp),
                       stop_after=k if k < cfg.train.steps else None)
-        fresh = [rec for _, rec in read_metrics(rerun / "metrics.jsonl")]
+        fresh = read_metrics(rerun / "metrics.jsonl")
     mine = [(n, r) for n, r in recorded if r["step"] <= k]
     return Comparison(len(mine), k, compare(mine, fresh, atol, str(metrics)))

@@ -1,4 +1,5 @@
-"""Run folders: creation with a unique name, meta.json, and reading a run back."""
+"""Run folders: creation with a unique name, meta.json, and reading a run back (its checkpoint choice, its
+metrics.jsonl): every command that reads a run goes through the one helper here for each of these."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from typing import Any
 
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_json, atomic_write_text, read_json_object
+from llmcli.models.formats import RECORD
+
+TIMESTAMP = "%Y-%m-%dT%H:%M:%S%z"  # meta.json's started / ended, sweep.json's created, train.log's lines
+
+
+def timestamp() -> str:
+    """The local time now, as every llmcli record writes it (e.g. 2026-01-31T14:05:09+0100)."""
+    return time.strftime(TIMESTAMP)
 
 
 def create_run_dir(runs_dir: Path, name: str, prefix: str = "") -> Path:
@@ -62,7 +71,7 @@ def new_meta(seed: int, extra: dict[str, Any]) -> dict[str, Any]:
         "git_commit": _git_commit(),
         "seed": seed,
         "command": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": timestamp(),
         **extra,
     }
 
@@ -90,31 +99,86 @@ def load_run_config(run_dir: Path) -> Any:
     return load_config(run_dir / "config.yaml")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to `step` (see `kept_metrics`)."""
-    atomic_write_text(path, kept_metrics(path, step))
+def checkpoint_names(run_dir: Path) -> list[str]:
+    """The checkpoints a run folder holds (best, last, step-N), sorted; a rotated-out `.prev` copy is not one."""
+    return sorted(p.name.removesuffix(".safetensors") for p in (Path(run_dir) / "checkpoints").glob("*.safetensors")
+                  if not p.name.endswith(".prev.safetensors"))
 
 
-def kept_metrics(path: Path, step: int) -> str:
-    """The records up to `step`: a last line cut by a crash mid-write is dropped, other bad lines are errors."""
+def what_it_has(run_dir: Path) -> str:
+    """The end of a missing-checkpoint message: the checkpoints the run does have, or why it has none."""
+    have = ", ".join(checkpoint_names(run_dir))
+    try:  # a compressed run (written by `llmcli compress`) has only the checkpoint it was made into
+        compressed = RECORD in json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        compressed = False
+    if compressed:
+        return f"a compressed run has only the checkpoint(s) it was written with: {have or 'none'}"
+    return f"the run has only: {have}" if have else "has it trained?"
+
+
+def choose_checkpoint(run_dir: Path, asked: str | None) -> str:
+    """The checkpoint a command reads: `asked`, or when None `best` if the run has one, else `last`.
+
+    The one place this is decided (eval, classify, compress, generate, train.init_from). The chosen checkpoint
+    must exist: a run without it is a UserError naming what the run has (never a silent fall-back to another).
+    """
+    run_dir = Path(run_dir)
+    which = asked or ("best" if (run_dir / "checkpoints" / "best.safetensors").is_file() else "last")
+    if not (run_dir / "checkpoints" / f"{which}.safetensors").is_file():
+        raise UserError(f"{run_dir}: no {which} checkpoint (checkpoints/{which}.safetensors); {what_it_has(run_dir)}")
+    return which
+
+
+def metric_lines(path: Path, *, upto_step: int | None = None) -> list[tuple[int, str, dict[str, Any]]]:
+    """(line number, line, record) of every record of a metrics.jsonl, those up to `upto_step` when given.
+
+    The one tolerance rule for every reader: a last line without its newline that does not parse is the append a
+    crash interrupted, and is dropped; any other bad line is a UserError naming path:line. Blank lines are skipped.
+    """
     if not path.is_file():
         raise UserError(f"{path}: not found; the run folder is incomplete")
     lines = path.read_bytes().split(b"\n")
-    kept = []
+    out = []
     for lineno, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if lineno == len(lines):  # no newline after it: the append a crash interrupted
-                break
-            raise UserError(f"{path}:{lineno}: not a JSON record (the metrics file is damaged)") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise UserError(f"{path}:{lineno}: a metrics record must be an object with an integer 'step'")
-        if rec["step"] <= step:
-            kept.append(raw.decode("utf-8") + "\n")
-    return "".join(kept)
+        parsed = _metric_record(path, lineno, raw, cut=lineno == len(lines))  # no newline after it
+        if parsed is None:
+            break
+        if upto_step is None or parsed[1]["step"] <= upto_step:
+            out.append((lineno, *parsed))
+    return out
+
+
+def _metric_record(path: Path, lineno: int, raw: bytes, *, cut: bool) -> tuple[str, dict[str, Any]] | None:
+    """One line of a metrics.jsonl as (text, record); None for a cut last line."""
+    try:
+        text = raw.decode("utf-8")
+        rec = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if cut:
+            return None
+        why = f"invalid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{path}:{lineno}: {why}; the metrics file is damaged") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+        raise UserError(f"{path}:{lineno}: a metrics record must be an object with an integer 'step'")
+    return text, rec
+
+
+def read_metrics(path: Path, *, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (up to `upto_step`), read by `metric_lines`' one tolerance rule."""
+    return [rec for _, _, rec in metric_lines(path, upto_step=upto_step)]
+
+
+def kept_metrics(path: Path, step: int) -> str:
+    """The text of the records up to `step`, each line as written (what a resumed run keeps)."""
+    return "".join(f"{text}\n" for _, text, _ in metric_lines(path, upto_step=step))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step` (see `kept_metrics`)."""
+    atomic_write_text(path, kept_metrics(path, step))
 
 
 def meta_status(pdir: Path) -> str | None:

@@ -11,7 +11,6 @@ engine keeps a checkpoint per validated step, since select_by is not a rule it a
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 
 from llmcli.errors import UserError
 from llmcli.io import append_jsonl, read_json
+from llmcli.runs import read_metrics
 from llmcli.train import train
 
 
@@ -35,8 +35,7 @@ def aux_config(cfg: Any, left_out: str) -> Any:
 def held_out_scores(run_dir: Path, domain: str, objective: Any) -> dict[int, float]:
     """step -> the objective's score on `domain`'s validation records, from a run's metrics.jsonl."""
     out = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
+    for r in read_metrics(run_dir / "metrics.jsonl"):
         if r.get("split") == "val" and r.get("domain") == domain and "lm_loss" in r:
             out[int(r["step"])] = float(objective.score(r["lm_loss"], r.get("task_loss", 0.0)))
     return out

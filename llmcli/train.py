@@ -12,13 +12,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmcli.errors import Interrupted, RunFailed, UserError, too_big
 from llmcli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, read_json_object
-from llmcli.runs import create_run_dir, kept_metrics, load_run_config, new_meta, truncate_metrics, update_meta
+from llmcli.runs import create_run_dir, kept_metrics, load_run_config, new_meta, timestamp, truncate_metrics, update_meta
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from llmcli.data.dataset import Batch, ProcessedData
+    from llmcli.stopping import StopRequest
+
+Log = Callable[[str], None]  # where progress lines go (print, or a quiet lambda)
 
 # metrics.jsonl keys that measure the machine, not the model: excluded from reproducibility checks.
 TIMING_KEYS = ("tokens_per_s", "time_s")
@@ -32,7 +41,7 @@ SELECTED_HERE = ("train_domain_val", "oracle")
 class Session:
     """Everything a training run holds: data, model, objective, optimiser, schedule (set up in this order)."""
 
-    def __init__(self, cfg: Any, log: Any, resuming: bool = False) -> None:
+    def __init__(self, cfg: Any, log: Log, resuming: bool = False) -> None:
         self.cfg = cfg
         self._setup_device()
         self._setup_data(log)
@@ -56,7 +65,7 @@ class Session:
         keep_freed_memory()  # no page faults on every step's activations (glibc)
         self.dist = setup(self.device)
 
-    def _setup_data(self, log: Any) -> None:
+    def _setup_data(self, log: Log) -> None:
         """The processed data (rank 0 preprocesses or validates the cache first) and the training stream."""
         from llmcli.data.dataset import ProcessedData
         from llmcli.data.preprocess import preprocess
@@ -97,8 +106,7 @@ class Session:
                                        names=self.train_domains, d_model=self.model.cls_head.in_features,
                                        stream_domains=[data.domains.index(d) for d in self.stream_domains],
                                        grad_accum_steps=cfg.train.grad_accum_steps)
-        if hasattr(self.objective, "wrap_model"):  # objectives that add layers (conditioned) do it before the optimiser
-            self.objective.wrap_model(self.model)
+        self.objective.wrap_model(self.model)  # objectives that add layers (conditioned) do it before the optimiser
 
     def _setup_weights(self, resuming: bool) -> None:
         """Transferred weights, compilation, and rank 0's starting point on every rank."""
@@ -126,8 +134,7 @@ class Session:
         """Validation subsets per domain, the domains that pick `best`, and the objective's held-out probe."""
         self.val_idx = {d: self._val_subset(d) for d in self.data.domains}
         self.select_domains = self._select_domains()
-        if hasattr(self.objective, "set_probe"):
-            self.objective.set_probe(self.probe)
+        self.objective.set_probe(self.probe)
 
     def probe(self, step: int) -> dict[str, float]:
         """Metrics on one held-out batch (in-domain validation records, rotating with the step)."""
@@ -168,8 +175,7 @@ class Session:
         from llmcli.metrics import score
 
         records = []
-        if hasattr(self.objective, "prepare"):
-            self.objective.prepare(self.model, None)
+        self.objective.prepare(self.model, None)
         for d, idx in self.val_idx.items():
             if len(idx):
                 m = score(self.model, self.data, idx, self.cfg.eval.batch_size, self.task_loss, self.device)
@@ -182,7 +188,7 @@ class Session:
 
 
 def train(cfg: Any, *, runs_dir: str | Path = "runs", resume: str | Path | None = None,
-          progress: bool = True, log: Any = print, run_dir: Path | None = None, stop_after: int | None = None,
+          progress: bool = True, log: Log = print, run_dir: Path | None = None, stop_after: int | None = None,
           on_setup: Callable[[Session], None] | None = None) -> Path:
     """Train a run (or continue `resume`) and return its folder.
 
@@ -258,7 +264,7 @@ class LoopState:
 class Loop:
     """One run from its state's step to train.steps; `run` reads as the sequence of steps it takes."""
 
-    def __init__(self, sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Any,
+    def __init__(self, sess: Session, run_dir: Path, resuming: bool, progress: bool, log: Log,
                  stop_after: int | None) -> None:
         self.sess, self.run_dir, self.resuming, self.stop_after = sess, run_dir, resuming, stop_after
         self.tc = sess.cfg.train
@@ -398,7 +404,7 @@ class Loop:
         save_checkpoint(ckpt / "last.safetensors", sess.model, sess.optimizer, sess.scheduler, side)
         st.last_ckpt, st.updated = st.step, False
 
-    def stop_check(self, stop: Any, saved: bool) -> bool:
+    def stop_check(self, stop: StopRequest, saved: bool) -> bool:
         """A signal or stop_after: checkpoint (unless just done) and leave; else the checkpoint_every cadence."""
         st, tc = self.state, self.tc
         if st.step >= tc.steps:
@@ -408,7 +414,7 @@ class Loop:
             self.checkpoint([], False)
         if stop.signum is not None:
             update_meta(self.run_dir, status="interrupted", step=st.step, signal=stop.name,
-                        ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                        ended=timestamp())
             msg = f"train: {stop.name} at step {st.step}: checkpoint written; continue with --resume {self.run_dir}"
             self.out.message(msg)
             raise Interrupted(stop.signum, msg)
@@ -423,7 +429,7 @@ class Loop:
 
         st = self.state
         update_meta(self.run_dir, status="completed", step=st.step, best_score=st.best,
-                    ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                    ended=timestamp())
         if st.flaw:  # completed, but on weights that are no use
             self.out.message(f"train: warning: checkpoints/last.safetensors (step {st.last_ckpt}) {st.flaw}; "
                              "lower optim.lr")
@@ -432,7 +438,7 @@ class Loop:
         return self.run_dir
 
 
-def _trained_domains(cfg: Any, data: Any) -> list[str]:
+def _trained_domains(cfg: Any, data: ProcessedData) -> list[str]:
     """The labeled train domains of this run: data.train_domains less train.exclude_domains."""
     bad = [d for d in cfg.train.exclude_domains if d not in data.train_domains]
     if bad:
@@ -467,7 +473,7 @@ def _check_world(run_dir: Path, world: int) -> None:
                         f"resume it with {how} --resume")
 
 
-def _loop_distributed(sess: Session, run_dir: Any, resuming: bool, progress: bool, log: Any,
+def _loop_distributed(sess: Session, run_dir: str | Path, resuming: bool, progress: bool, log: Log,
                       stop_after: int | None) -> Path:
     """The same loop on every rank; only rank 0 writes the run folder, the others a scratch mirror of it."""
     import shutil
@@ -547,8 +553,7 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
             from llmcli.data.augment import augment_batch
 
             batch = augment_batch(batch, cfg.data.augment, cfg.seed, step * k + j, sess.data.pad_id)
-        if hasattr(sess.objective, "prepare"):  # e.g. the conditioned objective draws this batch's alpha
-            sess.objective.prepare(sess.model, step)
+        sess.objective.prepare(sess.model, step)  # e.g. the conditioned objective draws this batch's alpha
         batch = _to(batch, sess.device)
         with autocast(sess.device):  # bf16 on CUDA; a no-op on CPU
             out = sess.model.losses(batch, sess.task_loss)
@@ -590,12 +595,12 @@ def _reduce_ranks(sess: Session, lm: float, task: float, logs: dict[str, float],
 def _mark(run_dir: Path, **changes: Any) -> None:
     """Record how a run ended, best effort: on a full disk this write fails too, and the first error matters."""
     try:
-        update_meta(run_dir, **changes, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        update_meta(run_dir, **changes, ended=timestamp())
     except (UserError, OSError):
         pass
 
 
-def _non_finite(model: Any, grad_clip: float | None, lm: float, task: float) -> str | None:
+def _non_finite(model: nn.Module, grad_clip: float | None, lm: float, task: float) -> str | None:
     """What is NaN/Inf in this step (the losses, else the clipped gradient's norm), or None; clips the gradients."""
     import torch
 
@@ -608,7 +613,7 @@ def _non_finite(model: Any, grad_clip: float | None, lm: float, task: float) -> 
     return None
 
 
-def _weights_flaw(model: Any, records: list[dict[str, Any]]) -> str | None:
+def _weights_flaw(model: nn.Module, records: list[dict[str, Any]]) -> str | None:
     """Why the model's current weights are no good to resume from (non-finite, or NaN/Inf on validation), or None."""
     import torch
 
@@ -636,7 +641,7 @@ def _on_nan(policy: str, step: int, what: str, last_ckpt: int, flaw: str | None,
         raise RunFailed(f"train: NaN/Inf in {consecutive} batches in a row (last at step {step}, {what}); {keep}{advice}")
 
 
-def _schedule_step(scheduler: Any) -> None:
+def _schedule_step(scheduler: LRScheduler) -> None:
     """Advance the schedule; after a skipped first batch torch warns that no optimiser step came first."""
     import warnings
 
@@ -663,7 +668,7 @@ def meta_params(run_dir: Path) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else str(n)
 
 
-def _to(batch: Any, device: str) -> Any:
+def _to(batch: Batch, device: str) -> Batch:
     if device == "cpu":
         return batch
     from llmcli.data.dataset import Batch

@@ -283,6 +283,15 @@ ARGS = {
     "negative atol": (["reproduce", "{run}", "--atol", "-0.1"], ["--atol", ">= 0"]),
     "resume with a config": (["train", str(TINY), "--resume", "{run}"], ["--resume", "drop CONFIG"]),
     "no config": (["train"], ["give a CONFIG"]),
+    "resume with --loo": (["train", "--resume", "{run}", "--loo"], ["train: --resume", "drop CONFIG, --set"]),
+    "loo options without --loo": (["train", str(TINY), "--loo-dir", "{run}"], ["--methods and --loo-dir go with --loo"]),
+    "loo with held-out domains": (["train", str(TINY), "--loo", "--test-domains", "kjv"],
+                                  ["--loo holds out each domain in turn", "drop --test-domains"]),
+    "sweep without config": (["sweep-alpha"], ["sweep-alpha: give a CONFIG, or --resume SWEEP_DIR"]),
+    "sweep resume with a grid": (["sweep-alpha", "--resume", "{run}", "--seeds", "1"],
+                                 ["--resume finishes a sweep with its own grid and config"]),
+    "a bad grid before the resume conflict": (["sweep-alpha", "--resume", "{run}", "--alphas", "x"],
+                                              ["--alphas: 'x'", "not a number"]),
     "unknown option": (["train", str(TINY), "--stepz", "3"], ["No such option: --stepz"]),
 }
 

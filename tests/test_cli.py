@@ -196,3 +196,11 @@ def test_bash_completion_completes_commands_and_options():
     env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli generate --to", "COMP_CWORD": "2"}
     out = runner.invoke(app, [], env=env, prog_name="llmcli")
     assert out.stdout.split() == ["--top-k", "--top-p"], out.output
+
+
+def test_an_interrupted_loo_table_names_the_command_that_continues_it():
+    from llmcli.commands import loo_again
+
+    again = loo_again("my cfg.yaml", ["train.steps=5", "name=a b"], ["erm", "irm"], Path("/tmp/loo x"))
+    assert again == ("llmcli train 'my cfg.yaml' --set train.steps=5 --set 'name=a b' --loo --methods erm,irm "
+                     "--loo-dir '/tmp/loo x'")

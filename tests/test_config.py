@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import types
 from pathlib import Path
 
@@ -291,3 +292,49 @@ def test_swapping_a_component_by_name_hints_to_replace_the_whole_section():
     msg = str(e.value)
     assert "model.n_head: unknown key" in msg and "--set 'model={name: lstm}'" in msg, msg
     assert load_config(TINY, ["model={name: lstm}"]).model.name == "lstm"  # what the hint says works
+
+
+# ---------------------------------------------------------------- unknown keys: the allowed keys of the right section
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"trian": {}}, "trian: unknown key (allowed here: name, seed, data, model, task_loss, objective, dg, optim, "
+                    "schedule, train, eval, generate, sweep)"),
+    ({"data": {"split": {"vall": 0.1}}}, "data.split.vall: unknown key (allowed here: val, test, seed, field, "
+                                         "holdout_domains, duplicates)"),
+    ({"data": {"tokenizer": {"name": "char", "merges": 3}}},  # a component under data: the chosen one's keys
+     "data.tokenizer.merges: unknown key (allowed here: name, vocab_size, min_frequency)"),
+    ({"model": {"name": "lstm", "n_head": 2}}, "model.n_head: unknown key (allowed here: n_layer, d_model, dropout, "
+                                               "block_size, name)"),
+    ({"optim": {"momentum": 0.9}}, "optim.momentum: unknown key (allowed here: name, lr, betas, eps, weight_decay)"),
+    ({"data": {"sources": [{"name": "jsonl", "path": "a"}, {"name": "text", "glob": "*", "paht": 1}]}},
+     "data.sources.1.paht: unknown key (allowed here: name, glob, unit, domain, domain_from, group_by, label)"),
+    ({"data": {"augment": [{"name": "token_dropout", "q": 1}]}},  # an item of a list of unions: no one class to list
+     "data.augment.0.q: unknown key (allowed here: see `llmcli schema`)"),
+    ({"eval": {"checkpoint": "best", "foo": {"bar": 1}}},
+     "eval.foo: unknown key (allowed here: batch_size, checkpoint, max_examples)"),
+])
+def test_an_unknown_key_lists_the_keys_of_the_section_it_sits_in(data, expected):
+    with pytest.raises(UserError) as e:
+        validate_config(data)
+    assert str(e.value) == f"<config>: {expected}"
+
+
+# ---------------------------------------------------------------- the package: one job per module, one import path
+
+
+def test_every_config_model_and_bound_is_importable_from_llmcli_config():
+    import llmcli.config
+    from llmcli.config import assemble, loading, messages, schema
+
+    tree = ast.parse(Path(schema.__file__).read_text(encoding="utf-8"))
+    defined = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])}  # bounds, Seed, Augment
+    defined |= {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    public = {n for n in defined if not n.startswith("_")}
+    missing = sorted(public - set(llmcli.config.__all__))
+    assert not missing, f"add to llmcli/config/__init__.py: {missing}"
+    for module in (schema, assemble, messages, loading):
+        for name in set(llmcli.config.__all__) & set(vars(module)):
+            assert getattr(llmcli.config, name) is getattr(module, name), name  # one object, whichever path
+    assert llmcli.config.experiment_model is assemble.experiment_model  # so cache_clear() reaches the cache in use

@@ -11,8 +11,8 @@ import torch
 
 from llmcli.config import CrossEntropyLoss, GroupDROConfig, IRMConfig
 from llmcli.dg import (
-    build_group_dro,
-    build_irm,
+    IRM,
+    GroupDRO,
     coral_penalty,
     covariance,
     group_dro_update,
@@ -96,7 +96,7 @@ IRM_ROWS = [(0, 0.5, 1), (1, 1.5, 1), (0, -1.0, 0), (1, -0.5, 1), (0, 2.0, 0), (
 
 
 def test_irm_task_loss_is_risk_plus_lambda_penalty_before_and_after_the_anneal_step():
-    irm = build_irm(IRMConfig(penalty_weight=100.0, anneal_steps=3), domains=[0, 1], names=["a", "b"])
+    irm = IRM(IRMConfig(penalty_weight=100.0, anneal_steps=3), domains=[0, 1], names=["a", "b"])
     batch, out = _batch(IRM_ROWS)
     per = {d: ([r[1] for r in IRM_ROWS if r[0] == d and r[2] >= 0], [r[2] for r in IRM_ROWS if r[0] == d and r[2] >= 0])
            for d in (0, 1)}
@@ -114,7 +114,7 @@ def test_irm_task_loss_is_risk_plus_lambda_penalty_before_and_after_the_anneal_s
 
 def test_irm_leaves_a_domain_with_one_labeled_row_out_of_the_penalty_only():
     rows = [(0, 0.5, 1), (0, -1.0, 0), (0, 2.0, 0), (1, 1.5, 1)]
-    irm = build_irm(IRMConfig(penalty_weight=10.0, anneal_steps=0), domains=[0, 1], names=["a", "b"])
+    irm = IRM(IRMConfig(penalty_weight=10.0, anneal_steps=0), domains=[0, 1], names=["a", "b"])
     t, logs = irm.task_loss(None, *_batch(rows), CE, step=0)
     a0, y0 = [0.5, -1.0, 2.0], [1, 0, 0]
     risk = (sum(_ce(a, y) for a, y in zip(a0, y0)) / 3 + _ce(1.5, 1)) / 2
@@ -142,7 +142,7 @@ MB2 = [(0, -0.3, 1), (0, 2.5, 0)]  # domain 1 absent; domain 2 absent from both
 
 
 def test_group_dro_moves_q_once_per_step_from_the_mean_losses_of_its_micro_batches():
-    dro = build_group_dro(GroupDROConfig(eta=0.5), domains=[0, 1, 2], names=["a", "b", "c"], grad_accum_steps=2)
+    dro = GroupDRO(GroupDROConfig(eta=0.5), domains=[0, 1, 2], names=["a", "b", "c"], grad_accum_steps=2)
     q0 = dro.q.clone()
     t1, logs1 = dro.task_loss(None, *_batch(MB1), CE, step=0)
     assert torch.equal(dro.q, q0)  # unchanged between the micro-batches
@@ -161,7 +161,7 @@ def test_group_dro_moves_q_once_per_step_from_the_mean_losses_of_its_micro_batch
 
 
 def test_group_dro_with_one_micro_batch_per_step_updates_q_before_weighing_as_before():
-    dro = build_group_dro(GroupDROConfig(eta=0.5), domains=[0, 1, 2], names=["a", "b", "c"])
+    dro = GroupDRO(GroupDROConfig(eta=0.5), domains=[0, 1, 2], names=["a", "b", "c"])
     q0 = dro.q.tolist()
     t, _ = dro.task_loss(None, *_batch(MB1), CE, step=0)
     l1 = _mb_losses(MB1)
@@ -175,7 +175,7 @@ def test_group_dro_with_one_micro_batch_per_step_updates_q_before_weighing_as_be
 def test_a_nan_batch_does_not_poison_the_group_dro_weights():
     q = torch.tensor([0.2, 0.3, 0.5])
     assert torch.equal(group_dro_update(q, torch.tensor([1.0, float("nan"), 0.0]), torch.ones(3), eta=0.1), q)
-    dro = build_group_dro(GroupDROConfig(eta=0.5), domains=[0, 1], names=["a", "b"], grad_accum_steps=2)
+    dro = GroupDRO(GroupDROConfig(eta=0.5), domains=[0, 1], names=["a", "b"], grad_accum_steps=2)
     batch, out = _batch([(0, 0.5, 1), (1, 0.4, 0)])
     out["logits"] = out["logits"] * float("nan")
     dro.task_loss(None, batch, out, CE, step=0)
@@ -188,6 +188,34 @@ def test_the_registry_hands_grad_accum_steps_to_group_dro():
 
     dro = registry("dg").build(GroupDROConfig(), domains=[0, 1], names=["a", "b"], grad_accum_steps=4)
     assert dro.accum == 4
+
+
+RUNTIME = {"domains": [0, 2], "names": ["a", "c"], "stream_domains": [0, 1, 2], "d_model": 8, "grad_accum_steps": 2}
+
+
+@pytest.mark.parametrize("name", ["coral", "dann", "erm", "group_dro", "irm", "mldg"])
+def test_each_dg_entry_is_its_class_built_from_the_engine_s_runtime_arguments(name):
+    # the registry calls the class itself with every runtime argument the engine passes; each keeps what it needs
+    from llmcli.contracts import DGMethod
+    from llmcli.registry import registry
+
+    entry = registry("dg").get(name)
+    method = registry("dg").build(entry.config(), **RUNTIME)
+    assert type(method).__name__ == entry.builder.split(":")[1] and isinstance(method, DGMethod)
+    assert (method.domains, method.names, method.cfg) == ([0, 2], ["a", "c"], entry.config())
+    method.end_step()  # every hook of the contract is there, defaults included
+    method.load_state_dict(method.state_dict())
+    assert isinstance(method.parameters(), list)
+
+
+def test_a_dg_method_without_task_loss_is_refused_when_built_not_at_its_first_batch():
+    from llmcli.contracts import DGMethod
+
+    class NoLoss(DGMethod):
+        """Forgets the one method the contract requires."""
+
+    with pytest.raises(TypeError, match="task_loss"):
+        NoLoss(IRMConfig(), domains=[0], names=["a"])
 
 
 def test_coral_penalty_is_zero_for_batches_with_equal_covariance_and_mean():

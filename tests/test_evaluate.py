@@ -437,3 +437,24 @@ def test_reliability_markers_are_sized_by_count_and_sparse_bins_are_not_joined()
     sizes = dense.get_sizes()
     assert sizes[1] > sizes[2] > sizes[0]  # marker area grows with the bin's examples (100 > 60 > 40)
     assert all(c < MIN_BIN for c in (2, 1)) and "kjv (in-domain)" in line.get_label()
+
+
+def test_a_model_hook_runs_on_the_loaded_model_and_the_result_goes_to_the_named_file(tiny_run, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    plain = evaluate(run, write=False, **QUIET)
+
+    def uniform_classifier(model):  # all-zero class logits: the task loss of a uniform guess, ln(C)
+        torch.nn.init.zeros_(model.cls_head.weight)
+        torch.nn.init.zeros_(model.cls_head.bias)
+        return {"cls_head": "zeroed"}
+
+    result = evaluate(run, prepare=uniform_classifier, stem="test-uniform", plots=False, **QUIET)
+    n_classes = len(result["label_names"])
+    assert all(m["task_loss"] == pytest.approx(math.log(n_classes), rel=1e-5) for m in result["domains"].values())
+    assert result["domains"]["kjv"]["lm_loss"] == plain["domains"]["kjv"]["lm_loss"]  # the LM side untouched
+    assert result["condition"] == {"cls_head": "zeroed"} and "condition" not in plain
+    assert json.loads((run / "eval" / "test-uniform.json").read_text()) == json.loads(json.dumps(result))
+    assert not (run / "eval" / "test.json").exists()

@@ -311,3 +311,29 @@ def test_running_out_of_memory_while_decoding_names_the_batch(tiny_run, monkeypa
     with pytest.raises(UserError, match=r"--num-samples 4 x 1 prompt\(s\) \(4 rows in one batch\): out of memory "
                                         r"\(an allocation of 64.0 GiB failed\)"):
         generate_all(tiny_run, ["And"], num_samples=4)
+
+
+def test_an_asked_best_checkpoint_the_run_lacks_is_an_error_not_last(tiny_run, tmp_path):
+    """generate, --show-probs and the library alike: `best` asked on a run without one fails; the default reads last."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+    from llmcli.generate import generate_all, top_next
+
+    run = tmp_path / "no-best"
+    shutil.copytree(tiny_run, run)
+    for f in (run / "checkpoints").glob("best.*"):
+        f.unlink()
+    for call in (lambda: generate_all(run, ["In"], checkpoint="best"), lambda: top_next(run, ["In"], 2, checkpoint="best"),
+                 lambda: text(run, checkpoint="best")):
+        with pytest.raises(UserError, match=r"no best checkpoint \(checkpoints/best\.safetensors\); the run has only: last"):
+            call()
+    bad = CliRunner().invoke(app, ["generate", str(run), "--checkpoint", "best", "-n", "3"])
+    assert bad.exit_code == 2 and bad.stderr.strip() == (
+        f"error: {run}: no best checkpoint (checkpoints/best.safetensors); the run has only: last")
+    default = CliRunner().invoke(app, ["generate", str(run), "-p", "In", "-n", "4", "-t", "0"])
+    last = CliRunner().invoke(app, ["generate", str(run), "-p", "In", "-n", "4", "-t", "0", "--checkpoint", "last"])
+    assert default.exit_code == 0 and default.stdout == last.stdout
+    assert text(run, temperature=0, max_new_tokens=4) == text(run, temperature=0, max_new_tokens=4, checkpoint="last")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmcli.config import GPTConfig, validate_config
+from llmcli.contracts import Backbone
 from llmcli.data.dataset import Batch
 from llmcli.losses import build_cross_entropy
 from llmcli.models.model import build_model, n_params
@@ -154,3 +155,51 @@ def test_a_quantised_or_hooked_gpt_decodes_through_its_modules():
         step, cache = q(ids[:, 5:], cache)
     # (dynamic int8 scales activations per call, so a step is not bit-comparable to a full forward)
     assert cache.weights == [] and step.shape == (1, 1, 16) and torch.isfinite(step).all()
+
+
+class _Lookup(torch.nn.Module, Backbone):
+    """A third-party backbone written to the contract: an embedding and nothing else, no hook overridden."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.d_model, self.block_size = 8, 32
+        self.embed = torch.nn.Embedding(vocab_size, 8)
+
+    def forward(self, idx: torch.Tensor, cache: None = None) -> tuple[torch.Tensor, None]:
+        return self.embed(idx), None  # (B, T, D)
+
+
+def test_a_backbone_that_overrides_no_hook_gets_last_token_pooling_and_no_blocks():
+    from llmcli.models.model import TwoHeadModel
+
+    m = TwoHeadModel(_Lookup(20), 8, 20, 3)
+    assert m.lm_head.weight is m.backbone.embed.weight  # tied through the contract's `embed`
+    toks = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 2, 0, 0]])
+    h, lengths = m(toks), torch.tensor([4, 3])
+    assert torch.equal(m.pool(h, lengths), torch.stack([h[0, 3], h[1, 2]]))  # each row's EOS state
+    assert list(m.backbone.residual_blocks()) == []
+    ce = build_cross_entropy(validate_config({}).task_loss, n_classes=3)
+    out = m.losses(Batch(toks, lengths, torch.tensor([0, 2]), torch.tensor([0, 0])), ce)
+    assert out["features"].shape == (2, 8) and torch.isfinite(out["task_loss"])
+
+
+def test_the_gpt_blocks_are_its_residual_blocks_and_the_other_backbones_have_none():
+    from llmcli.models.film import attach_film
+
+    m = small_model()
+    assert list(m.backbone.residual_blocks()) == list(m.backbone.blocks) and len(m.backbone.blocks) == 2
+    assert attach_film(m, 4).sites == 2 + 2  # FiLM after each block, and at the embedding and the output
+    for name in ("lstm", "mlp"):
+        assert list(backbone_model(name).backbone.residual_blocks()) == []
+
+
+def test_every_registered_backbone_is_built_to_the_contract():
+    from llmcli.registry import registry
+
+    for name in registry("model").names():
+        if name == "hf_causal":  # needs a model folder; tests/test_hf.py builds it
+            continue
+        backbone = registry("model").build(registry("model").get(name).config(), vocab_size=30, max_len=16)
+        assert isinstance(backbone, Backbone) and isinstance(backbone, torch.nn.Module), name
+        h, _ = backbone(torch.tensor([[1, 4, 5, 2]]))
+        assert h.shape == (1, 4, backbone.d_model) and backbone.embed.weight.shape[0] == 30

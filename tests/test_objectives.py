@@ -225,3 +225,18 @@ def test_resume_is_exact_with_stateful_objectives(tiny, tmp_path, objective):
     if objective == "constrained":
         lams = [r["lambda"] for r in _records(full) if r["split"] == "train"]
         assert lams[-1] > 0 and all("violation" in r for r in _records(full) if r["split"] == "train")
+
+
+def test_the_optional_hooks_are_no_op_defaults_of_the_base_class():
+    from llmcli.objectives import Objective
+
+    from .test_model import small_model
+
+    obj = Weighted(WeightedObjective())
+    m = small_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert obj.wrap_model(m) is None and obj.prepare(m, 3) is None and obj.prepare(m, None) is None
+    assert obj.set_probe(lambda step: {"acc": 1.0}) is None and obj.parameters() == []
+    assert set(m.state_dict()) == set(before) and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    for hook in ("wrap_model", "prepare", "set_probe", "parameters"):
+        assert getattr(Objective, hook).__doc__, hook  # each default says what it is for

@@ -145,3 +145,104 @@ def test_a_trained_run_folder_is_readable_by_others_under_umask_022(tmp_path, ti
     modes = {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in [run, *run.rglob("*")]}
     want = {k: 0o755 if (run / k).is_dir() else 0o644 for k in modes}
     assert "checkpoints/last.safetensors" in modes and modes == want
+
+
+# ---------------------------------------------------------------- one helper per repeated thing (issue 16)
+
+
+def _run_with(tmp_path, *checkpoints):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in checkpoints:
+        (run / "checkpoints" / f"{name}.safetensors").write_bytes(b"")
+    return run
+
+
+def test_the_default_checkpoint_is_best_when_present_else_last(tmp_path):
+    from llmcli.runs import choose_checkpoint
+
+    assert choose_checkpoint(_run_with(tmp_path, "best", "last"), None) == "best"
+    assert choose_checkpoint(_run_with(tmp_path / "b", "last", "last.prev"), None) == "last"
+    assert choose_checkpoint(_run_with(tmp_path / "c", "best", "last"), "last") == "last"
+
+
+def test_an_asked_checkpoint_the_run_lacks_is_one_error_naming_what_it_has(tmp_path):
+    from llmcli.runs import choose_checkpoint
+
+    run = _run_with(tmp_path, "last", "last.prev")
+    with pytest.raises(UserError) as e:
+        choose_checkpoint(run, "best")
+    assert str(e.value) == f"{run}: no best checkpoint (checkpoints/best.safetensors); the run has only: last"
+    with pytest.raises(UserError, match="no last checkpoint .*has it trained"):
+        choose_checkpoint(_run_with(tmp_path / "empty"), None)
+
+
+GOOD_RECORDS = ('{"step": 1, "split": "train", "lm_loss": 2.0, "task_loss": 1.0, "grad_cosine": 0.5}\n'
+                '{"step": 2, "split": "val", "domain": "kjv", "lm_loss": 1.5, "task_loss": 0.5}\n')
+
+
+def _readers():
+    """Every reader of metrics.jsonl in the package, each as run folder -> what it read."""
+    from llmcli.plots import curves_figure
+    from llmcli.runs import kept_metrics, read_metrics
+    from llmcli.selection import held_out_scores
+    from llmcli.sweep_report import _mean_grad_cosine
+
+    class Sum:  # an objective's score: what LODO selection averages
+        def score(self, lm, task):
+            return lm + task
+
+    def plot(run):
+        import matplotlib.pyplot as plt
+
+        fig = curves_figure(run)
+        plt.close(fig)
+        return len(fig.axes)
+
+    return {"read_metrics": lambda run: [r["step"] for r in read_metrics(run / "metrics.jsonl")],
+            "kept_metrics": lambda run: kept_metrics(run / "metrics.jsonl", 10),
+            "selection": lambda run: held_out_scores(run, "kjv", Sum()),
+            "sweep grad_cosine": _mean_grad_cosine, "curves.png": plot}
+
+
+@pytest.mark.parametrize("reader", ["read_metrics", "kept_metrics", "selection", "sweep grad_cosine", "curves.png"])
+def test_every_metrics_reader_drops_a_cut_last_line_and_names_a_damaged_one(tmp_path, reader):
+    read = _readers()[reader]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(GOOD_RECORDS)
+    whole = read(run)
+    (run / "metrics.jsonl").write_text(GOOD_RECORDS + '{"step": 3, "split": "tr')  # a crash mid-append
+    assert read(run) == whole
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{oops\n' + GOOD_RECORDS)
+    with pytest.raises(UserError) as e:
+        read(run)
+    assert str(e.value).startswith(f"{run / 'metrics.jsonl'}:2: invalid JSON")
+
+
+def test_metrics_up_to_a_step_keep_each_line_as_written(tmp_path):
+    from llmcli.runs import kept_metrics, metric_lines, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1,  "x": 1.10}\n\n{"step": 2}\n{"step": 3}\n')
+    assert [r["step"] for r in read_metrics(path, upto_step=2)] == [1, 2]
+    assert [n for n, _, _ in metric_lines(path)] == [1, 3, 4]  # numbered as in the file, blank line skipped
+    assert kept_metrics(path, 2) == '{"step": 1,  "x": 1.10}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n["not", "a record"]\n')
+    with pytest.raises(UserError, match=r"metrics\.jsonl:2: a metrics record must be an object with an integer"):
+        read_metrics(path)
+
+
+def test_the_timestamp_format_is_written_once_and_meta_times_parse_with_it(tiny_run):
+    import json
+    from datetime import datetime
+    from pathlib import Path
+
+    import llmcli
+    from llmcli.runs import TIMESTAMP, timestamp
+
+    sources = [p for p in Path(llmcli.__file__).parent.rglob("*.py") if TIMESTAMP in p.read_text()]
+    assert [p.name for p in sources] == ["runs.py"]
+    meta = json.loads((tiny_run / "meta.json").read_text())
+    for stamp in (meta["started"], meta["ended"], timestamp()):
+        assert datetime.strptime(stamp, TIMESTAMP).tzinfo is not None

@@ -11,9 +11,14 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcli.errors import UserError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from llmcli.config import BibleSource, CsvSource, JsonlSource, ParquetSource, TableFields, TextSource
 
 Label = str | int | None
 # Integer labels are class ids; the classifier gets max id + 1 outputs, so a stray huge id must not pass.
@@ -84,7 +89,7 @@ def file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
 
 
-def input_files(cfg: Any) -> list[Path] | None:
+def input_files(cfg: BaseModel) -> list[Path] | None:
     """The user files a source config reads, in read order (cheap: no file is opened).
 
     None for a source without user files (the bible) or one this module does not know (a plugin).
@@ -96,7 +101,7 @@ def input_files(cfg: Any) -> list[Path] | None:
     return None
 
 
-def input_packages(cfg: Any) -> dict[str, str | None]:
+def input_packages(cfg: BaseModel) -> dict[str, str | None]:
     """The installed packages a built-in source reads, with their versions (None = not installed); {} otherwise."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -116,7 +121,7 @@ def input_packages(cfg: Any) -> dict[str, str | None]:
 # ---------------------------------------------------------------- table-like rows -> records
 
 
-def _row_record(cfg: Any, row: Mapping[str, Any], path: Path, where: str, label: Label) -> Record | None:
+def _row_record(cfg: TableFields, row: Mapping[str, Any], path: Path, where: str, label: Label) -> Record | None:
     """A record from one row (dict); None for an empty text. `label` is already type-checked."""
     text = row.get(cfg.text_field)
     if text is None:
@@ -130,7 +135,7 @@ def _row_record(cfg: Any, row: Mapping[str, Any], path: Path, where: str, label:
     return Record(text, label, str(domain), str(group) if group is not None else where, where, row)
 
 
-def _native_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
+def _native_label(cfg: TableFields, row: Mapping[str, Any], where: str) -> Label:
     """A label that must already be a string or an integer (JSON, Parquet)."""
     label = row.get(cfg.label_field) if cfg.label_field else None
     if label is None or isinstance(label, str):
@@ -143,14 +148,14 @@ def _native_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
                     f"got {type(label).__name__} {label!r}")
 
 
-def _file_source(kind: str, cfg: Any, rows: Callable[[Any, Path], Iterator[Record]]) -> Source:
+def _file_source(kind: str, cfg: TableFields, rows: Callable[..., Iterator[Record]]) -> Source:
     """A source over one file (`cfg.path`): rows read lazily, the file's sha256 as its cache identity."""
     path = _file(cfg.path)
     identity = file_identity(path)
     return Source(kind, lambda: _nonempty(rows(cfg, path), str(path)), identity["sha256"], inputs=[identity])
 
 
-def _jsonl_rows(cfg: Any, path: Path) -> Iterator[Record]:
+def _jsonl_rows(cfg: JsonlSource, path: Path) -> Iterator[Record]:
     for n, line in utf8_lines(path):
         if not line.strip():
             continue
@@ -166,12 +171,12 @@ def _jsonl_rows(cfg: Any, path: Path) -> Iterator[Record]:
             yield rec
 
 
-def jsonl_source(cfg: Any) -> Source:
+def jsonl_source(cfg: JsonlSource) -> Source:
     """Records from a JSON-lines file."""
     return _file_source("jsonl", cfg, _jsonl_rows)
 
 
-def _csv_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
+def _csv_label(cfg: CsvSource, row: Mapping[str, Any], where: str) -> Label:
     raw = row.get(cfg.label_field) if cfg.label_field else None
     if raw is None or raw == "":
         return None
@@ -186,7 +191,7 @@ def _csv_label(cfg: Any, row: Mapping[str, Any], where: str) -> Label:
     return value
 
 
-def _csv_rows(cfg: Any, path: Path) -> Iterator[Record]:
+def _csv_rows(cfg: CsvSource, path: Path) -> Iterator[Record]:
     import csv
 
     lines = (line for _, line in utf8_lines(path))
@@ -208,12 +213,12 @@ def _csv_rows(cfg: Any, path: Path) -> Iterator[Record]:
         raise UserError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
 
 
-def csv_source(cfg: Any) -> Source:
+def csv_source(cfg: CsvSource) -> Source:
     """Records from a CSV file with a header row."""
     return _file_source("csv", cfg, _csv_rows)
 
 
-def _parquet_rows(cfg: Any, path: Path) -> Iterator[Record]:
+def _parquet_rows(cfg: ParquetSource, path: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
@@ -234,7 +239,7 @@ def _parquet_rows(cfg: Any, path: Path) -> Iterator[Record]:
                 yield rec
 
 
-def parquet_source(cfg: Any) -> Source:
+def parquet_source(cfg: ParquetSource) -> Source:
     """Records from a Parquet file, read in row batches."""
     return _file_source("parquet", cfg, _parquet_rows)
 
@@ -264,7 +269,7 @@ def _text_units(path: Path, unit: str) -> Iterator[tuple[int, str]]:
         yield start, "".join(buf).strip()
 
 
-def _text_rows(cfg: Any, files: list[Path]) -> Iterator[Record]:
+def _text_rows(cfg: TextSource, files: list[Path]) -> Iterator[Record]:
     for path in files:
         domain = cfg.domain or (path.stem if cfg.domain_from == "file" else path.parent.name)
         for n, text in _text_units(path, cfg.unit):
@@ -279,7 +284,7 @@ def _glob_files(pattern: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
 
 
-def text_source(cfg: Any) -> Source:
+def text_source(cfg: TextSource) -> Source:
     """Records from plain-text files matched by a glob."""
     import hashlib
 
@@ -297,7 +302,7 @@ def text_source(cfg: Any) -> Source:
 # ---------------------------------------------------------------- the built-in corpus
 
 
-def _bible_rows(cfg: Any) -> Iterator[Record]:
+def _bible_rows(cfg: BibleSource) -> Iterator[Record]:
     from llmcli.data import bible
 
     books = set(cfg.books) if cfg.books else None
@@ -312,7 +317,7 @@ def _bible_rows(cfg: Any) -> Iterator[Record]:
             yield Record(v.text, names[bible.label_of(v.book, cfg.label)], ver, group, f"bible {ver} {v.verse_id}")
 
 
-def bible_source(cfg: Any) -> Source:
+def bible_source(cfg: BibleSource) -> Source:
     """The built-in corpus: one domain per version, one group per chapter (shared across versions)."""
     from importlib.metadata import PackageNotFoundError, version
 

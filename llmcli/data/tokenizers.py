@@ -11,9 +11,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from llmcli.config import BPETokenizer, ByteTokenizer, CharTokenizer
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 PAD, BOS, EOS = 0, 1, 2
@@ -44,7 +49,7 @@ def char_to_byte() -> dict[str, int]:
 class TextTokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` that also knows each token's byte length."""
 
-    def __init__(self, tok: Any, unk_bytes: int = 1) -> None:
+    def __init__(self, tok: tokenizers.Tokenizer, unk_bytes: int = 1) -> None:
         from tokenizers import decoders
 
         self.tok = tok
@@ -115,7 +120,7 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
 
-def build_bpe(cfg: Any, texts: Iterable[str]) -> TextTokenizer:
+def build_bpe(cfg: BPETokenizer, texts: Iterable[str]) -> TextTokenizer:
     """Train a byte-level BPE on the given (training) texts, streamed from an iterator."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -133,7 +138,7 @@ def build_bpe(cfg: Any, texts: Iterable[str]) -> TextTokenizer:
     return TextTokenizer(tok)
 
 
-def build_char(cfg: Any, texts: Iterable[str]) -> TextTokenizer:
+def build_char(cfg: CharTokenizer, texts: Iterable[str]) -> TextTokenizer:
     """The most frequent characters of the training texts (count >= min_frequency), plus <unk>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -153,7 +158,7 @@ def build_char(cfg: Any, texts: Iterable[str]) -> TextTokenizer:
     return TextTokenizer(tok, unk_bytes=unk_bytes)
 
 
-def build_byte(cfg: Any, texts: Iterable[str] = ()) -> TextTokenizer:
+def build_byte(cfg: ByteTokenizer, texts: Iterable[str] = ()) -> TextTokenizer:
     """One token per byte: id = 3 + byte value. Nothing to learn, so `texts` is not read."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcli.contracts import Backbone
 from llmcli.errors import UserError
+
+if TYPE_CHECKING:
+    from llmcli.config import GPTConfig
 
 
 class KVCache:
@@ -98,10 +102,10 @@ class Block(nn.Module):
         return x + drop(proj(F.gelu(fc(self.ln2(x)))))  # are pure overhead in a one-token decoding step
 
 
-class GPT(nn.Module):
+class GPT(nn.Module, Backbone):
     """Token + position embeddings, n_layer blocks, a final norm: (B, T) ids -> (B, T, D) states."""
 
-    def __init__(self, cfg: Any, vocab_size: int, block_size: int) -> None:
+    def __init__(self, cfg: GPTConfig, vocab_size: int, block_size: int) -> None:
         super().__init__()
         self.block_size = block_size
         self.d_model = cfg.d_model
@@ -119,7 +123,7 @@ class GPT(nn.Module):
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
-            if getattr(m, "bias", None) is not None:
+            if isinstance(m, nn.Linear) and m.bias is not None:  # an embedding has no bias
                 nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
@@ -149,6 +153,10 @@ class GPT(nn.Module):
             x = block(x, cache, i, mask)
         cache.length = start + T
         return self.ln_f(x), cache
+
+    def residual_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order."""
+        return list(self.blocks)
 
     def _hooked(self) -> bool:
         """Whether a forward hook (or pre-hook) sits inside the backbone, e.g. the conditioned mode's FiLM, or a
@@ -217,7 +225,7 @@ def padding_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
     return ((real & (k <= q)[None]) | (k == q)[None])[:, None]  # (B, 1, T, start+T)
 
 
-def build_gpt(cfg: Any, *, vocab_size: int, max_len: int) -> GPT:
+def build_gpt(cfg: GPTConfig, *, vocab_size: int, max_len: int) -> GPT:
     """Build the GPT backbone for a vocabulary and the data's record length."""
     if cfg.d_model % cfg.n_head:
         raise UserError(f"model.d_model: {cfg.d_model} is not divisible by model.n_head ({cfg.n_head})")

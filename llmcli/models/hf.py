@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from llmcli.contracts import Backbone
 from llmcli.errors import UserError
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
-class HFCausal(nn.Module):
+    from llmcli.config import HFCausalConfig
+
+
+class HFCausal(nn.Module, Backbone):
     """(B, T) ids -> (B, T, D) last hidden states; the cache is the model's own past_key_values."""
 
     def __init__(self, base: nn.Module, block_size: int) -> None:
@@ -42,14 +48,14 @@ class HFCausal(nn.Module):
         return out.last_hidden_state, out[self._cache_arg]  # (B, T, D), cache
 
 
-def _block_size(config: Any) -> int:
+def _block_size(config: PretrainedConfig) -> int:
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if isinstance(getattr(config, key, None), int):
             return int(getattr(config, key))
     return 1 << 30  # no learned positions (e.g. rotary): no fixed limit
 
 
-def build_hf_causal(cfg: Any, *, vocab_size: int, max_len: int) -> HFCausal:
+def build_hf_causal(cfg: HFCausalConfig, *, vocab_size: int, max_len: int) -> HFCausal:
     """Load `cfg.path` (local files only) and fit its embeddings to the run's vocabulary."""
     try:
         from transformers import AutoModel

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from llmcli.contracts import Backbone
 from llmcli.errors import UserError
 
+if TYPE_CHECKING:
+    from llmcli.config import MLPConfig
 
-class WindowMLP(nn.Module):
+
+class WindowMLP(nn.Module, Backbone):
     """(B, T) ids -> (B, T, D): h_t = W2 tanh(W1 [e_{t-n+1}; ...; e_t] + b1) + b2, padding the start with PAD (id 0).
 
     The generation cache is the last n-1 token ids. For the task head the states are mean-pooled over
     the record (`pool`), since no single window sees the whole record.
     """
 
-    def __init__(self, cfg: Any, vocab_size: int) -> None:
+    def __init__(self, cfg: MLPConfig, vocab_size: int) -> None:
         super().__init__()
         self.d_model = cfg.d_model
         self.block_size = cfg.block_size
@@ -44,7 +48,7 @@ class WindowMLP(nn.Module):
         return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-def build_mlp(cfg: Any, *, vocab_size: int, max_len: int) -> WindowMLP:
+def build_mlp(cfg: MLPConfig, *, vocab_size: int, max_len: int) -> WindowMLP:
     """The fixed-window MLP backbone."""
     if max_len > cfg.block_size:
         raise UserError(f"model.block_size: {cfg.block_size} is shorter than data.max_len ({max_len})")

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcli.contracts import Backbone, TaskLoss
 from llmcli.registry import registry
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from llmcli.data.dataset import Batch
 
 
 class TwoHeadModel(nn.Module):
-    """backbone (B, T) -> (B, T, D); lm_head -> next-token logits; cls_head pools the last real token."""
+    """backbone (B, T) -> (B, T, D); lm_head -> next-token logits; cls_head reads the backbone's pooled features."""
 
-    def __init__(self, backbone: nn.Module, d_model: int, vocab_size: int, n_classes: int) -> None:
+    backbone: Backbone
+
+    def __init__(self, backbone: Backbone, d_model: int, vocab_size: int, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        if getattr(backbone, "embed", None) is not None and backbone.embed.weight.shape == self.lm_head.weight.shape:
+        if backbone.embed.weight.shape == self.lm_head.weight.shape:
             self.lm_head.weight = backbone.embed.weight  # tied: one matrix reads and writes tokens
         self.cls_head = nn.Linear(d_model, n_classes)
 
@@ -27,14 +35,9 @@ class TwoHeadModel(nn.Module):
         return self.backbone(tokens)[0]
 
     def pool(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The state at each row's last real token (its EOS): it has seen the whole record.
-
-        A backbone whose last state has not seen the whole record (the fixed-window MLP) brings its own `pool`.
-        """
-        own = getattr(self.backbone, "pool", None)
-        if own is not None:
-            return own(h, lengths)  # (B, D)
-        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, D)
+        """The task head's features (B, D): the backbone's `pool` (by default the state at each row's last real
+        token, its EOS, which has seen the whole record; the fixed-window MLP mean-pools)."""
+        return self.backbone.pool(h, lengths)  # (B, D)
 
     def lm_nll(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position next-token NLL (B, T-1) and its mask of real targets (padding excluded)."""
@@ -57,7 +60,7 @@ class TwoHeadModel(nn.Module):
         return linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight,
                                     targets.reshape(-1), weight.reshape(-1))
 
-    def losses(self, batch: Any, task_loss: Any) -> dict[str, torch.Tensor]:
+    def losses(self, batch: Batch, task_loss: TaskLoss) -> dict[str, torch.Tensor]:
         """Mean LM loss over real target tokens, and the task loss over labeled rows."""
         h = self(batch.tokens)  # (B, T, D)
         features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
@@ -85,7 +88,7 @@ class TwoHeadModel(nn.Module):
         return decay, no_decay
 
 
-def build_model(model_cfg: Any, *, vocab_size: int, n_classes: int, max_len: int) -> TwoHeadModel:
+def build_model(model_cfg: BaseModel, *, vocab_size: int, n_classes: int, max_len: int) -> TwoHeadModel:
     """Backbone from the registry, wrapped with both heads."""
     backbone = registry("model").build(model_cfg, vocab_size=vocab_size, max_len=max_len)
     return TwoHeadModel(backbone, backbone.d_model, vocab_size, n_classes)

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from llmcli.errors import UserError
 
+if TYPE_CHECKING:
+    from llmcli.config import TrainConfig
+    from llmcli.data.dataset import ProcessedData
+
 TRANSFERRED = ("backbone.", "lm_head.")  # the classification head always starts fresh
 
 
 def model_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Freezable parts by name; a part the model lacks is absent."""
+    """Freezable parts by name."""
     parts = {"backbone": list(model.backbone.parameters()), "lm_head": list(model.lm_head.parameters()),
              "cls_head": list(model.cls_head.parameters())}
-    embed = getattr(model.backbone, "embed", None)
-    if embed is not None:
-        parts["embedding"] = list(embed.parameters())
+    parts["embedding"] = list(model.backbone.embed.parameters())  # every backbone has one (llmcli.contracts.Backbone)
     return parts
 
 
@@ -34,14 +36,16 @@ def freeze(model: nn.Module, names: list[str]) -> None:
 
 
 def _checkpoint(run: Path) -> Path:
-    for which in ("best", "last"):
-        path = run / "checkpoints" / f"{which}.safetensors"
-        if path.is_file():
-            return path
-    raise UserError(f"train.init_from: {run} has no checkpoint (checkpoints/best.safetensors or last.safetensors)")
+    """The run's default checkpoint (best if it has one, else last), as every command chooses it."""
+    from llmcli.runs import choose_checkpoint
+
+    try:
+        return run / "checkpoints" / f"{choose_checkpoint(run, None)}.safetensors"
+    except UserError as exc:
+        raise UserError(f"train.init_from: {exc}") from None
 
 
-def init_from(model: nn.Module, run_dir: str | Path, data: Any) -> Path:
+def init_from(model: nn.Module, run_dir: str | Path, data: ProcessedData) -> Path:
     """Load backbone + LM head weights of `run_dir` into `model`; tokenizer and shapes must match."""
     from llmcli.checkpoint import load_checkpoint
 
@@ -69,7 +73,7 @@ def init_from(model: nn.Module, run_dir: str | Path, data: Any) -> Path:
     return path
 
 
-def apply_transfer(model: nn.Module, train_cfg: Any, data: Any, load: bool = True) -> None:
+def apply_transfer(model: nn.Module, train_cfg: TrainConfig, data: ProcessedData, load: bool = True) -> None:
     """init_from (unless `load` is False, as on resume) then freeze, before the optimiser is built."""
     if train_cfg.init_from and load:
         init_from(model, train_cfg.init_from, data)
