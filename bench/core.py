@@ -32,9 +32,9 @@ def _timed(cmd: list[str]) -> float:
 
 def main() -> None:
     from llmcli.data.preprocess import preprocess
-    from llmcli.evaluate import evaluate
-    from llmcli.generate import generate
-    from llmcli.train import train
+    from llmcli.evaluation.evaluate import evaluate
+    from llmcli.evaluation.generate import generate
+    from llmcli.training.engine import train
 
     help_wall()
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,7 @@ def reduced(steps: int) -> list[str]:
 def main() -> None:
     """Run the table and print its figures."""
     from llmcli.config import load_config
-    from llmcli.loo import leave_one_out, read_table
+    from llmcli.experiments.loo_table import leave_one_out, read_table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300, help="training steps per cell (default 300)")

@@ -21,7 +21,7 @@ QUIET = {"log": lambda m: None}
 
 def tokens_per_s(t, new_tokens: int, use_cache: bool, repeats: int) -> float:
     """Best of `repeats` runs: new tokens per second for one greedy continuation of a short prompt."""
-    from llmcli.generate import Sampling, complete
+    from llmcli.evaluation.generate import Sampling, complete
 
     s = Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0)
     best = float("inf")
@@ -63,7 +63,7 @@ def main() -> None:
         measure(a.run, a.new_tokens, a.repeats, a.threads)
         return
     from llmcli.config import load_config
-    from llmcli.train import train
+    from llmcli.training.engine import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "default.yaml",

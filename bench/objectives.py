@@ -33,8 +33,8 @@ def one(config: Path, objective: str, steps: int | None, runs: Path) -> dict[str
     import numpy as np
 
     from llmcli.config import load_config
-    from llmcli.evaluate import evaluate
-    from llmcli.train import train
+    from llmcli.evaluation.evaluate import evaluate
+    from llmcli.training.engine import train
 
     sets = [f"objective={OBJECTIVES[objective]}", f"data.processed_dir={ROOT / 'data' / 'processed'}"]
     if steps:

@@ -22,7 +22,7 @@ SIZES = {"default": [], "gpt-8x512": ["model.n_layer=8", "model.d_model=512", "m
 def checkpoint_costs(name: str, overrides: list[str], tmp: Path, repeats: int = 5) -> None:
     import torch
 
-    from llmcli.checkpoint import load_checkpoint, save_checkpoint
+    from llmcli.models.checkpoint import load_checkpoint, save_checkpoint
     from llmcli.models.model import build_model, n_params
     from llmcli.registry import registry
 
@@ -49,8 +49,8 @@ def checkpoint_costs(name: str, overrides: list[str], tmp: Path, repeats: int = 
 
 
 def reproduce_wall(tmp: Path) -> None:
-    from llmcli.reproduce import reproduce
-    from llmcli.train import train
+    from llmcli.experiments.reproduce import reproduce
+    from llmcli.training.engine import train
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.processed_dir={tmp / 'processed'}"])
     run = train(cfg, runs_dir=tmp / "runs", progress=False, log=lambda m: None)

@@ -28,8 +28,8 @@ from _common import ROOT, emit  # noqa: E402
 def main() -> None:
     import yaml
 
-    from llmcli import sweep as sw
     from llmcli.config import load_config
+    from llmcli.experiments import sweep as sw
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", type=int, default=8)

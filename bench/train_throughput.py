@@ -81,9 +81,9 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
     from llmcli.config import load_config
     from llmcli.data.dataset import ProcessedData
     from llmcli.device import keep_freed_memory, resolve_device
-    from llmcli.distributed import Dist
     from llmcli.models.model import build_model
     from llmcli.registry import registry
+    from llmcli.training.distributed import Dist
 
     s = SHAPE
     cfg = load_config(ROOT / "configs" / "default.yaml", [
@@ -113,7 +113,7 @@ def step_fn(sess: SimpleNamespace):
     """One optimiser step exactly as `train._loop` takes it."""
     import torch
 
-    from llmcli.train import _accumulate
+    from llmcli.training.engine import _accumulate
 
     shared = sess.model.shared_parameters()
 

@@ -20,8 +20,8 @@ def _train_eval(config: str, sets: list[str], steps: int | None, runs: Path) -> 
     import numpy as np
 
     from llmcli.config import load_config
-    from llmcli.evaluate import evaluate
-    from llmcli.train import train
+    from llmcli.evaluation.evaluate import evaluate
+    from llmcli.training.engine import train
 
     sets = [f"data.processed_dir={ROOT / 'data' / 'processed'}", *sets]
     if steps:

@@ -249,7 +249,7 @@ def eval_(
 
         _check_checkpoint(checkpoint)
         if text or file:
-            from llmcli.classify import classify, read_texts
+            from llmcli.evaluation.classify import classify, read_texts
 
             texts = [*text, *(read_texts(file) if file else [])]
             for run_dir in run_dirs:
@@ -258,7 +258,7 @@ def eval_(
                     top = "  ".join(f"{name} {p:.3f}" for name, p in r["top"])
                     typer.echo(f"{prefix}{r['label']}\t{top}\t{r['text']}")
             return
-        from llmcli.evaluate import eval_stem, render_comparison, render_table, score_run, write_result
+        from llmcli.evaluation.evaluate import eval_stem, render_comparison, render_table, score_run, write_result
 
         console = Console(width=200)
         results = []
@@ -306,7 +306,7 @@ def generate(
     """Continue prompts with a trained model; one prompt is streamed to stdout."""
 
     def body() -> None:
-        from llmcli.generate import check_options, read_prompts
+        from llmcli.evaluation.generate import check_options, read_prompts
 
         _check_checkpoint(checkpoint)
         check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -324,8 +324,8 @@ def _generate(run_dir: str, prompts: list[str], num_samples: int, show_probs: in
     """`llmcli generate` once its options are checked: everything is loaded before the first character printed."""
     import json
 
-    from llmcli.generate import generate as stream
-    from llmcli.generate import generate_all, top_next
+    from llmcli.evaluation.generate import generate as stream
+    from llmcli.evaluation.generate import generate_all, top_next
 
     checkpoint = kw["checkpoint"]
     probs = top_next(run_dir, prompts, show_probs, checkpoint=checkpoint) if show_probs is not None else {}
@@ -368,9 +368,9 @@ def compress(
     def body() -> None:
         from rich.console import Console
 
-        from llmcli.compress import compress as run
-        from llmcli.compress import render_report
-        from llmcli.io import read_json_object
+        from llmcli.experiments.compress import compress as run
+        from llmcli.experiments.compress import render_report
+        from llmcli.files import read_json_object
 
         out = run(run_dir, quantize=quantize, prune=prune, runs_dir=runs_dir, split=split, log=commands.log)
         Console(width=140, stderr=True).print(render_report(read_json_object(out / "compress.json", "compress report")))
@@ -413,7 +413,7 @@ def reproduce(
     """Re-run a run's config in a temporary folder; exit 0 if its metrics match the recorded ones, else 1."""
 
     def body() -> None:
-        from llmcli.reproduce import reproduce as run
+        from llmcli.experiments.reproduce import reproduce as run
 
         result = run(run_dir, steps=steps, atol=atol, log=commands.log)
         if not result.ok:

@@ -34,7 +34,7 @@ def config_from_flags(path: str, overrides: list[str], test_domains: str | None 
     cfg = load_config(Path(path), overrides)
     if test_domains is None:
         return cfg
-    from llmcli.loo import hold_out, parse_list
+    from llmcli.experiments.loo_table import hold_out, parse_list
 
     return hold_out(cfg, parse_list(test_domains, "--test-domains"))
 
@@ -69,7 +69,7 @@ def train(config: str | None, overrides: list[str], *, resume: str | None, runs_
     if loo:  # with a CONFIG: check_train_flags refuses --loo with --resume
         train_loo(cfg, config, overrides, methods=methods, loo_dir=loo_dir, runs_dir=runs_dir, progress=progress)
         return
-    from llmcli.selection import train_and_select  # the engine, then LODO selection if asked
+    from llmcli.experiments.lodo_selection import train_and_select  # the engine, then LODO selection if asked
 
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone talks to the user
     out = train_and_select(cfg, runs_dir=runs_dir, resume=resume, progress=progress and main,
@@ -81,8 +81,8 @@ def train(config: str | None, overrides: list[str], *, resume: str | None, runs_
 def train_loo(cfg: Any, config: str | None, overrides: list[str], *, methods: str | None, loo_dir: str | None,
               runs_dir: str, progress: bool) -> None:
     """`llmcli train --loo`: one run per (method, held-out domain); on a stop, the exact command that continues."""
-    from llmcli.loo import leave_one_out, parse_list
-    from llmcli.sweep import SweepInterrupted
+    from llmcli.experiments.loo_table import leave_one_out, parse_list
+    from llmcli.experiments.sweep import SweepInterrupted
 
     names = parse_list(methods, "--methods") if methods else [cfg.dg.name]
     try:
@@ -118,7 +118,7 @@ class SweepGrid:
 
 def parse_sweep_grid(alphas: str | None, betas: str | None, seeds: str | None) -> SweepGrid:
     """Parse the grid flags, in this order (so the first bad one is the one reported)."""
-    from llmcli.sweep import parse_grid, parse_seeds
+    from llmcli.experiments.sweep import parse_grid, parse_seeds
 
     return SweepGrid(alphas=parse_grid(alphas, "--alphas") if alphas is not None else None,
                      betas=parse_grid(betas, "--betas", 0.0, float("inf")) if betas is not None else None,
@@ -140,8 +140,8 @@ def sweep_alpha(config: str | None, overrides: list[str], *, alphas: str | None,
                 ray_address: str | None, resume: str | None, runs_dir: str, progress: bool,
                 test_domains: str | None) -> None:
     """`llmcli sweep-alpha`: the sweep folder on stdout, also when a point failed (exit 1) or on a stop."""
-    from llmcli.sweep import SweepFailed, SweepInterrupted
-    from llmcli.sweep import sweep_alpha as run
+    from llmcli.experiments.sweep import SweepFailed, SweepInterrupted
+    from llmcli.experiments.sweep import sweep_alpha as run
 
     require_config_or_resume("sweep-alpha", "SWEEP_DIR", config, resume)
     grid = parse_sweep_grid(alphas, betas, seeds)

@@ -150,7 +150,7 @@ class Objective(ABC):
 
     `backward` and `score` are the objective; the rest are hooks with no-op defaults, called by the engine
     (train.py), evaluation and the model loader on every objective. State kept across steps goes in
-    `state_dict()` (JSON-able), or a resume is not exact. Built-ins derive from `llmcli.objectives.Objective`
+    `state_dict()` (JSON-able), or a resume is not exact. Built-ins derive from `llmcli.training.objectives.Objective`
     (which adds the `log_grad_every` schedule); see docs/objectives.md.
     """
 

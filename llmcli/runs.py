@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_json, atomic_write_text, read_json_object
+from llmcli.files import atomic_write_json, atomic_write_text, read_json_object
 from llmcli.models.formats import RECORD
 
 TIMESTAMP = "%Y-%m-%dT%H:%M:%S%z"  # meta.json's started / ended, sweep.json's created, train.log's lines

@@ -31,6 +31,6 @@ def tiny(processed_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_run(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny training run (shared, read-only for tests)."""
-    from llmcli.train import train
+    from llmcli.training.engine import train
 
     return train(tiny(), runs_dir=tmp_path_factory.mktemp("runs"), progress=False, log=lambda m: None)

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from llmcli.cli import app
-
-from .conftest import TINY
+from tests.conftest import TINY
 
 runner = CliRunner()
 

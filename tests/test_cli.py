@@ -11,8 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmcli.cli import app
-
-from .conftest import TINY
+from tests.conftest import TINY
 
 runner = CliRunner()
 

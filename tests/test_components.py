@@ -20,8 +20,7 @@ import yaml
 
 from llmcli.config import load_config
 from llmcli.registry import REGISTRIES, registry
-
-from .conftest import TINY
+from tests.conftest import TINY
 
 QUIET = {"progress": False, "log": lambda m: None}
 FEW_STEPS = ("train.steps=3", "train.log_every=1", "train.eval_every=1000", "train.val_max_examples=8")
@@ -148,7 +147,7 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained(processed_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Train a config once per distinct resolved config; later calls with the same config get the same run."""
-    from llmcli.train import train
+    from llmcli.training.engine import train
 
     runs: dict[str, Path] = {}
     runs_dir = tmp_path_factory.mktemp("component-runs")
@@ -233,7 +232,7 @@ def focal_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_plugin_task_loss_trains_through_the_config(focal_plugin, processed_dir, tmp_path, monkeypatch):
-    from llmcli.train import train
+    from llmcli.training.engine import train
 
     seen = []
     real = focal_plugin.focal_loss

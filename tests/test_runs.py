@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 from llmcli.cli import app
 from llmcli.errors import UserError
 from llmcli.runs import create_run_dir, load_run_config
-
-from .conftest import TINY
+from tests.conftest import TINY
 
 
 def test_two_runs_in_the_same_second_get_distinct_folders(tmp_path, monkeypatch):
@@ -77,7 +76,7 @@ def test_a_runs_folder_that_is_a_file_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("fail_after", [0, 12])  # at the first write (config.yaml), and in mid-training
 def test_a_full_disk_is_one_clear_error(tmp_path, tiny, processed_dir, monkeypatch, fail_after):
-    import llmcli.io as io
+    import llmcli.files as io
     from llmcli.data.preprocess import preprocess
 
     preprocess(tiny().data, log=lambda m: None)  # the data cache is ready; the disk fills up afterwards
@@ -115,7 +114,7 @@ def test_run_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     """Colleagues on a shared machine read runs/ as the umask allows (mkstemp alone would make files 0600)."""
     import stat
 
-    from llmcli.io import atomic_write_bytes, atomic_write_json
+    from llmcli.files import atomic_write_bytes, atomic_write_json
     from llmcli.runs import update_meta
 
     old = os.umask(umask)
@@ -134,7 +133,7 @@ def test_run_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
 def test_a_trained_run_folder_is_readable_by_others_under_umask_022(tmp_path, tiny):
     import stat
 
-    from llmcli.train import train
+    from llmcli.training.engine import train
 
     old = os.umask(0o022)
     try:
@@ -183,10 +182,10 @@ GOOD_RECORDS = ('{"step": 1, "split": "train", "lm_loss": 2.0, "task_loss": 1.0,
 
 def _readers():
     """Every reader of metrics.jsonl in the package, each as run folder -> what it read."""
-    from llmcli.plots import curves_figure
+    from llmcli.evaluation.plots import curves_figure
+    from llmcli.experiments.lodo_selection import held_out_scores
+    from llmcli.experiments.sweep_report import _mean_grad_cosine
     from llmcli.runs import kept_metrics, read_metrics
-    from llmcli.selection import held_out_scores
-    from llmcli.sweep_report import _mean_grad_cosine
 
     class Sum:  # an objective's score: what LODO selection averages
         def score(self, lm, task):

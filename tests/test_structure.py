@@ -193,3 +193,22 @@ def test_methods_and_closures_get_their_own_complexity(tmp_path, monkeypatch):
                               f"def outer(x):\n    def inner(x):\n{branches(' ' * 8)}    return inner(x)\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     assert complexities() == {"llmcli.m.A.big": 17, "llmcli.m.outer": 1, "llmcli.m.outer.inner": 17}
+
+
+@pytest.mark.parametrize("old, new, names", [
+    ("train", "training.engine", ["train", "TIMING_KEYS"]),
+    ("evaluate", "evaluation.evaluate", ["evaluate"]),
+    ("generate", "evaluation.generate", ["generate", "generate_all"]),
+    ("sweep", "experiments.sweep", ["sweep_alpha"]),
+    ("compress", "experiments.compress", ["compress"]),
+    ("reproduce", "experiments.reproduce", ["reproduce"]),
+])
+def test_a_moved_public_entry_point_still_imports_from_its_old_path_for_one_release(old, new, names):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"llmcli.{old}", None)
+    with pytest.warns(DeprecationWarning, match=f"llmcli.{old} moved to llmcli.{new}"):
+        shim = importlib.import_module(f"llmcli.{old}")
+    target = importlib.import_module(f"llmcli.{new}")
+    assert all(getattr(shim, n) is getattr(target, n) for n in names)

@@ -487,7 +487,7 @@ class EvalConfig(Strict):
     max_examples: int | None = Field(None, ge=1, le=MAX_EXAMPLES, description="per-domain cap; null = the whole split")
 
 
-# Sampling bounds, shared with the `llmcli generate` options (llmcli/generate.py checks the flags against them).
+# Sampling bounds, shared with the `llmcli generate` options (llmcli/evaluation/generate.py checks the flags against them).
 MAX_NEW_TOKENS = 1_000_000
 MAX_TEMPERATURE = 100.0  # beyond this every distribution is uniform to float32 precision
 MAX_TOP_K = 1_000_000  # no vocabulary is larger

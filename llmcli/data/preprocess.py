@@ -28,14 +28,17 @@ import unicodedata
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmcli.data.sources import input_files, input_packages
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_json, create_temp_dir, sha256_file, sha256_json
+from llmcli.files import atomic_write_json, create_temp_dir, sha256_file, sha256_json
 from llmcli.registry import registry
+
+if TYPE_CHECKING:
+    from llmcli.config import DataBase
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
@@ -57,24 +60,24 @@ def text_key(text: str) -> int:
     return _hash64(" ".join(unicodedata.normalize("NFKC", text).casefold().split()))
 
 
-def data_key(data_cfg: Any) -> dict[str, Any]:
+def data_key(data_cfg: DataBase) -> dict[str, Any]:
     """What the processed data depends on (the cache location and training-time augmentation do not count)."""
     return {"format": FORMAT_VERSION, **data_cfg.model_dump(mode="json", exclude={"processed_dir", "augment"})}
 
 
-def source_configs(data_cfg: Any) -> list[Any]:
+def source_configs(data_cfg: DataBase) -> list[Any]:
     """The data config's sources: `sources` if given, else the single `source`."""
     return list(getattr(data_cfg, "sources", None) or [data_cfg.source])
 
 
-def processed_path(data_cfg: Any) -> Path:
+def processed_path(data_cfg: DataBase) -> Path:
     """Where this data config's processed folder lives."""
     names = {s.name for s in source_configs(data_cfg)}
     prefix = names.pop() if len(names) == 1 else "multi"
     return Path(data_cfg.processed_dir) / f"{prefix}-{sha256_json(data_key(data_cfg))[:12]}"
 
 
-def preprocess(data_cfg: Any, *, log: Any = print, tokenizer_path: Path | None = None) -> Path:
+def preprocess(data_cfg: DataBase, *, log: Any = print, tokenizer_path: Path | None = None) -> Path:
     """Build (or find) the processed data for a data config; returns its folder.
 
     tokenizer_path: encode with this tokenizer.json (scoring a run on another corpus) instead of training one;
@@ -120,7 +123,7 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
-def _build_into(data_cfg: Any, out: Path, log: Any, tokenizer_path: Path | None) -> None:
+def _build_into(data_cfg: DataBase, out: Path, log: Any, tokenizer_path: Path | None) -> None:
     """Build in a temporary folder beside `out`, then put it in place of any older `out` (call under the lock)."""
     try:
         tmp = create_temp_dir(out.parent, f".{out.name}.")
@@ -157,7 +160,7 @@ def _replace_dir(new: Path, out: Path) -> None:
 # ---------------------------------------------------------------- is the cache up to date?
 
 
-def _why_stale(out: Path, data_cfg: Any, log: Any) -> str | None:
+def _why_stale(out: Path, data_cfg: DataBase, log: Any) -> str | None:
     """Why `out` must be (re)built: "" = it does not exist, None = up to date (built from the inputs there now)."""
     path = out / "manifest.json"
     if not path.is_file():
@@ -169,7 +172,7 @@ def _why_stale(out: Path, data_cfg: Any, log: Any) -> str | None:
     return _inputs_changed(recorded, data_cfg, log)
 
 
-def _packages(data_cfg: Any) -> dict[str, str | None]:
+def _packages(data_cfg: DataBase) -> dict[str, str | None]:
     """The packages (with versions) the data config's built-in sources read."""
     out: dict[str, str | None] = {}
     for c in source_configs(data_cfg):
@@ -177,19 +180,19 @@ def _packages(data_cfg: Any) -> dict[str, str | None]:
     return out
 
 
-def input_record(data_cfg: Any, sources: list[Any]) -> dict[str, Any]:
+def input_record(data_cfg: DataBase, sources: list[Any]) -> dict[str, Any]:
     """The manifest's `inputs`: every user file's identity (path, size, mtime_ns, sha256) and the packages read."""
     return {"files": [f for s in sources for f in s.inputs], "packages": _packages(data_cfg)}
 
 
-def _inputs_changed(recorded: Any, data_cfg: Any, log: Any) -> str | None:
+def _inputs_changed(recorded: Any, data_cfg: DataBase, log: Any) -> str | None:
     """Why the recorded inputs differ from those on disk now (None: the same; a touched-only file is noted)."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), list):
         return "its manifest records no inputs (made by an older llmcli)"
     return _packages_changed(recorded.get("packages") or {}, data_cfg) or _files_changed(recorded, data_cfg, log)
 
 
-def _packages_changed(old: dict[str, Any], data_cfg: Any) -> str | None:
+def _packages_changed(old: dict[str, Any], data_cfg: DataBase) -> str | None:
     """Which built-in source packages changed version since the cache was built."""
     packages = _packages(data_cfg)
     if packages == old:
@@ -198,7 +201,7 @@ def _packages_changed(old: dict[str, Any], data_cfg: Any) -> str | None:
     return f"package versions changed ({', '.join(diff) or 'a package is no longer read'})"
 
 
-def _files_changed(recorded: dict[str, Any], data_cfg: Any, log: Any) -> str | None:
+def _files_changed(recorded: dict[str, Any], data_cfg: DataBase, log: Any) -> str | None:
     """Why the user files differ from their records (None: the same)."""
     paths = [str(p.absolute()) for c in source_configs(data_cfg) for p in (input_files(c) or [])]
     files = [f if isinstance(f, dict) else {} for f in recorded["files"]]
@@ -241,7 +244,7 @@ def _file_changed(path: Path, rec: dict[str, Any], log: Any) -> str | None:
 class Scan:
     """Per-record split/domain/label/hashes in typed arrays, filled while the records stream past."""
 
-    def __init__(self, data_cfg: Any, sources: list[Any]) -> None:
+    def __init__(self, data_cfg: DataBase, sources: list[Any]) -> None:
         self.cfg = data_cfg
         self.sources = sources
         self.domains: dict[str, int] = {}
@@ -440,7 +443,7 @@ def _check_scan(scan: Scan, tok: Any) -> tuple[list[str], list[str]]:
     return domains, train_domains
 
 
-def _build(data_cfg: Any, tmp: Path, data_id: str, log: Any, tokenizer_path: Path | None = None) -> None:
+def _build(data_cfg: DataBase, tmp: Path, data_id: str, log: Any, tokenizer_path: Path | None = None) -> None:
     from llmcli.data.report import Accumulator, write_report
 
     t0 = time.perf_counter()

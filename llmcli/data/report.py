@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from llmcli.io import atomic_write_json
+from llmcli.files import atomic_write_json
 
 SPLITS = ("train", "val", "test")
 

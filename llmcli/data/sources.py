@@ -83,7 +83,7 @@ def _file(path: str, where: str = "data.source.path") -> Path:
 
 def file_identity(path: Path) -> dict[str, Any]:
     """An input file as the processed-data cache records it: absolute path, size, mtime_ns and sha256."""
-    from llmcli.io import sha256_file
+    from llmcli.files import sha256_file
 
     st = path.stat()  # before the hash: a write during hashing leaves a newer mtime, so the next check re-hashes
     return {"path": str(path.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}

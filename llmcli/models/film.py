@@ -2,7 +2,7 @@
 
 A per-channel scale and shift computed from alpha, applied on the token embeddings, after every block and on
 the backbone's output, all shared by the LM and classification heads: setting alpha after training picks a
-point on the L-vs-T trade-off. The conditioned objective (llmcli/objectives.py) attaches it and sets alpha.
+point on the L-vs-T trade-off. The conditioned objective (llmcli/training/objectives.py) attaches it and sets alpha.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
-from llmcli.io import read_json_object
+from llmcli.files import read_json_object
 
 
 @dataclass
@@ -25,8 +25,8 @@ class Trained:
 def load_trained(run_dir: Path, which: str | None = None) -> Trained:
     """Load `checkpoints/<which>.safetensors` of a run into a freshly built model (None: `runs.choose_checkpoint`'s
     default, best if the run has it, else last; the one chosen is `Trained.which`)."""
-    from llmcli.checkpoint import load_checkpoint, restore_model
     from llmcli.data.tokenizers import TextTokenizer
+    from llmcli.models.checkpoint import load_checkpoint, restore_model
     from llmcli.models.formats import RECORD, restore_compressed
     from llmcli.models.model import build_model
     from llmcli.registry import registry

@@ -47,7 +47,7 @@ def _checkpoint(run: Path) -> Path:
 
 def init_from(model: nn.Module, run_dir: str | Path, data: ProcessedData) -> Path:
     """Load backbone + LM head weights of `run_dir` into `model`; tokenizer and shapes must match."""
-    from llmcli.checkpoint import load_checkpoint
+    from llmcli.models.checkpoint import load_checkpoint
 
     run = Path(run_dir)
     tok = run / "tokenizer.json"

@@ -1,0 +1,1 @@
+"""The training engine and what it trains with: objectives, DG methods, task losses, optimisers, signals."""
