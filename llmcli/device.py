@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcli.errors import UserError
 
+if TYPE_CHECKING:
+    from llmcli.config import TrainConfig
 
-def resolve_device(train_cfg: Any) -> str:
+
+def resolve_device(train_cfg: TrainConfig) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; an explicit 'cuda' without one is a user error."""
     import torch
 

@@ -34,3 +34,29 @@ def tiny_run(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llmcli.training.engine import train
 
     return train(tiny(), runs_dir=tmp_path_factory.mktemp("runs"), progress=False, log=lambda m: None)
+
+
+def refuse_writes_under(monkeypatch, root: Path) -> None:
+    """Refuse every file or folder creation under `root` as a read-only folder would (simulated, so that it
+    also holds as root): llmcli's atomic writes create their temp file with os.open, folders with mkdir."""
+    import errno
+    import os
+
+    real_open, real_mkdir = os.open, Path.mkdir
+    creating = os.O_CREAT | os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC
+
+    def inside(p) -> bool:
+        return Path(p).resolve().is_relative_to(Path(root).resolve())
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & creating and inside(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(self, *args, **kwargs):
+        if inside(self):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(Path, "mkdir", guarded_mkdir)

@@ -7,19 +7,22 @@ uninterrupted and in a resumed run. Evaluation never calls this.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from llmcli.config import SpanDelete, SwapAdjacent, TokenDropout
 
 _STREAM = 0xA5  # keeps these draws apart from other users of (seed, step)
 
 
-def token_dropout(body: np.ndarray, cfg: Any, rng: np.random.Generator) -> np.ndarray:
+def token_dropout(body: np.ndarray, cfg: TokenDropout, rng: np.random.Generator) -> np.ndarray:
     """Delete each token with probability p."""
     return body[rng.random(len(body)) >= cfg.p]
 
 
-def span_delete(body: np.ndarray, cfg: Any, rng: np.random.Generator) -> np.ndarray:
+def span_delete(body: np.ndarray, cfg: SpanDelete, rng: np.random.Generator) -> np.ndarray:
     """With probability p, delete one span of 1..max_span tokens (at least one token stays)."""
     if len(body) < 2 or rng.random() >= cfg.p:
         return body
@@ -28,7 +31,7 @@ def span_delete(body: np.ndarray, cfg: Any, rng: np.random.Generator) -> np.ndar
     return np.concatenate([body[:start], body[start + span :]])
 
 
-def swap_adjacent(body: np.ndarray, cfg: Any, rng: np.random.Generator) -> np.ndarray:
+def swap_adjacent(body: np.ndarray, cfg: SwapAdjacent, rng: np.random.Generator) -> np.ndarray:
     """Swap neighbours (i, i+1) with probability p, left to right; a swapped token does not move again."""
     out = body.copy()
     draws = rng.random(max(len(body) - 1, 0)) < cfg.p

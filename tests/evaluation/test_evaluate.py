@@ -13,6 +13,7 @@ import yaml
 from llmcli.errors import UserError
 from llmcli.evaluation.evaluate import evaluate
 from llmcli.evaluation.metrics import gaps
+from tests.conftest import refuse_writes_under
 
 QUIET = {"log": lambda m: None}
 
@@ -279,31 +280,6 @@ def test_eval_no_write_prints_the_scores_and_changes_no_file(tiny_run, tmp_path)
     assert f"eval: {run}: nothing written (--no-write)" in out.stderr
 
 
-def _unwritable(monkeypatch, root):
-    """Refuse every write under `root` as a read-only folder would (simulated, so that it also holds as root)."""
-    import errno
-    import tempfile
-    from pathlib import Path
-
-    real_mkstemp, real_mkdir = tempfile.mkstemp, Path.mkdir
-
-    def inside(p):
-        return Path(p).resolve().is_relative_to(root.resolve())
-
-    def mkstemp(*args, **kwargs):  # every atomic write (llmcli.files) starts with a temp file beside its target
-        if inside(kwargs.get("dir") or "."):
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_mkstemp(*args, **kwargs)
-
-    def mkdir(self, *args, **kwargs):
-        if inside(self):
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(Path, "mkdir", mkdir)
-
-
 @pytest.mark.parametrize("has_eval_dir", [False, True])
 def test_eval_of_a_run_folder_that_cannot_be_written(tiny_run, tmp_path, monkeypatch, has_eval_dir):
     from typer.testing import CliRunner
@@ -313,7 +289,7 @@ def test_eval_of_a_run_folder_that_cannot_be_written(tiny_run, tmp_path, monkeyp
     run = shutil.copytree(tiny_run, tmp_path / "run")
     if has_eval_dir:
         (run / "eval").mkdir()
-    _unwritable(monkeypatch, run)
+    refuse_writes_under(monkeypatch, run)
     out = CliRunner().invoke(app, ["eval", str(run)])
     lines = out.stderr.strip().splitlines()
     assert out.exit_code == 2 and "Traceback" not in out.output

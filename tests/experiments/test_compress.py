@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from llmcli.errors import UserError
 from llmcli.evaluation.evaluate import evaluate
 from llmcli.experiments.compress import check_options, compress, compressible, prune_linear, quantize_int8, render_report
 from llmcli.models.load import load_trained
+from tests.conftest import refuse_writes_under
 
 QUIET = {"log": lambda m: None}
 
@@ -140,27 +139,6 @@ def test_compress_never_writes_into_the_parent(tiny_run, tmp_path):
     assert (child / "compress.json").is_file() and not (child / "eval").exists()
 
 
-def _unwritable(monkeypatch, root: Path) -> None:
-    """Refuse every write under `root` as a read-only folder would (simulated, so that it also holds as root)."""
-    real_mkstemp, real_mkdir = tempfile.mkstemp, Path.mkdir
-
-    def inside(p) -> bool:
-        return Path(p).resolve().is_relative_to(root.resolve())
-
-    def mkstemp(*args, **kwargs):  # every atomic write (llmcli.files) starts with a temp file beside its target
-        if inside(kwargs.get("dir") or "."):
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_mkstemp(*args, **kwargs)
-
-    def mkdir(self, *args, **kwargs):
-        if inside(self):
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(Path, "mkdir", mkdir)
-
-
 def test_a_parent_that_cannot_be_written_compresses_completely(tiny_run, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -168,7 +146,7 @@ def test_a_parent_that_cannot_be_written_compresses_completely(tiny_run, tmp_pat
 
     parent = shutil.copytree(tiny_run, tmp_path / "parent")
     (tmp_path / "children").mkdir()
-    _unwritable(monkeypatch, parent)
+    refuse_writes_under(monkeypatch, parent)
     out = CliRunner().invoke(app, ["compress", str(parent), "--quantize", "int8", "--runs-dir", str(tmp_path / "children")])
     assert out.exit_code == 0, out.output
     (child,) = (tmp_path / "children").iterdir()
