@@ -324,6 +324,13 @@ class Scan:
         return names, remap[labels]  # -1 indexes the trailing -1
 
 
+def _check_classes(names: list[str], labels: np.ndarray) -> None:
+    """A task needs two classes: labeled records that all share one label are a data error, not a task."""
+    if (labels >= 0).any() and len(names) < 2:
+        raise UserError(f"data: every labeled record has the label {names[0]!r}; the task needs at least two "
+                        "classes (or no labels at all, for a language-model-only corpus)")
+
+
 def _where(scan: Scan, i: int) -> str:
     """Where record i came from (a re-read; used only for error messages)."""
     for k, r in enumerate(scan.records()):
@@ -470,6 +477,7 @@ def _build(data_cfg: DataBase, tmp: Path, data_id: str, log: Any, tokenizer_path
     arr = scan.arrays()
     keep, evidence = _leakage(scan, arr)
     label_names, labels = scan.label_names()
+    _check_classes(label_names, labels)
     lm_only_train = (arr["split"] == 0) & np.isin(arr["domain"], [scan.domains[d] for d in data_cfg.lm_only_domains])
     labels[lm_only_train] = -1  # lm_only domains train L only: their training labels never exist for T
 

@@ -160,6 +160,16 @@ def test_unlabeled_only_data_has_no_classes(tmp_path):
     assert data.label_names == [] and (data.labels == -1).all()
 
 
+
+@pytest.mark.parametrize("label", ["only", 0])
+def test_labeled_data_with_a_single_class_is_one_clear_error_and_leaves_no_cache(tmp_path, label):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "label": label}) + "\n" for i in range(30)), encoding="utf-8")
+    with pytest.raises(UserError, match="every labeled record has the label .*at least two classes"):
+        build(tmp_path, [{"name": "jsonl", "path": str(f)}])
+    assert not [p for p in (tmp_path / "p").glob("*") if not p.name.startswith(".")]  # nothing complete-looking
+
+
 # ---------------------------------------------------------------- bad data: one line, exit 2, nothing written
 
 BAD = [
