@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,26 @@ def create_run_dir(runs_dir: Path, name: str, prefix: str = "") -> Path:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{runs_dir}: cannot create the runs folder ({exc.strerror})") from None
-    for _ in range(100):
-        path = runs_dir / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
+    try:
+        path = new_folder(runs_dir, lambda: f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}")
+    except OSError as exc:
+        raise UserError(f"{runs_dir}: cannot create a run folder here ({exc.strerror})") from None
+    if path is None:
+        raise UserError(f"{runs_dir}: could not find a free run folder name")
+    return path
+
+
+def new_folder(root: Path, name: Callable[[], str], tries: int = 100) -> Path | None:
+    """root/<name()>, created exclusively by mkdir (so the umask applies), a fresh name on a clash; None when
+    `tries` names were all taken. Other OSErrors propagate (the caller names the folder in its message)."""
+    for _ in range(tries):
+        path = root / name()
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
-        except OSError as exc:
-            raise UserError(f"{runs_dir}: cannot create a run folder here ({exc.strerror})") from None
-    raise UserError(f"{runs_dir}: could not find a free run folder name")
+    return None
 
 
 def _git_commit() -> str | None:

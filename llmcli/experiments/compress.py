@@ -29,7 +29,7 @@ from llmcli.models.formats import (
     float_state,
     quantize_int8,
 )
-from llmcli.runs import create_run_dir, new_meta, timestamp
+from llmcli.runs import create_run_dir, new_folder, new_meta, timestamp
 
 COPIED = ("config.yaml", "tokenizer.json", "data_manifest.json")
 
@@ -116,16 +116,12 @@ def _staging_dir(root: Path) -> Path:
     """A new hidden folder in `root` to build a run in (created with the umask's mode, as run folders are)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):
-            path = root / f".compress-{secrets.token_hex(4)}.tmp"
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
+        path = new_folder(root, lambda: f".compress-{secrets.token_hex(4)}.tmp")
     except OSError as exc:
         raise UserError(f"{root}: cannot create a run folder here ({exc.strerror})") from None
-    raise UserError(f"{root}: could not find a free temporary folder name")
+    if path is None:
+        raise UserError(f"{root}: could not find a free temporary folder name")
+    return path
 
 
 def _write_child(out: Path, parent: Path, t: Any, model: nn.Module, record: dict[str, Any]) -> None:
