@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,16 @@ def refuse_writes_under(monkeypatch, root: Path) -> None:
 
     monkeypatch.setattr(os, "open", guarded_open)
     monkeypatch.setattr(Path, "mkdir", guarded_mkdir)
+
+
+@contextlib.contextmanager
+def read_only_tree(root: Path):
+    """Make every folder under `root` read-only (0555) for the block, then writable again (non-root only)."""
+    dirs = [root, *[p for p in root.rglob("*") if p.is_dir()]]
+    for d in dirs:
+        d.chmod(0o555)
+    try:
+        yield root
+    finally:
+        for d in dirs:
+            d.chmod(0o755)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,32 +42,32 @@ def _warmup(step: int, warmup: int) -> float | None:
     return (step + 1) / warmup if step < warmup else None
 
 
-def build_cosine(cfg: CosineSchedule, *, optimizer: torch.optim.Optimizer,
-                 total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up, then cosine decay to min_lr_ratio."""
+def _warmup_then(cfg: CosineSchedule | LinearSchedule, optimizer: torch.optim.Optimizer, total_steps: int,
+                 decay: Callable[[float], float]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over cfg.warmup_steps, then decay(t), t in [0, 1] the share of the remaining steps done."""
 
     def factor(step: int) -> float:
         w = _warmup(step, cfg.warmup_steps)
         if w is not None:
             return w
         t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return decay(min(1.0, t))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_cosine(cfg: CosineSchedule, *, optimizer: torch.optim.Optimizer,
+                 total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up, then cosine decay to min_lr_ratio."""
+    lo = cfg.min_lr_ratio
+    return _warmup_then(cfg, optimizer, total_steps, lambda t: lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def build_linear(cfg: LinearSchedule, *, optimizer: torch.optim.Optimizer,
                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up, then linear decay to min_lr_ratio."""
-
-    def factor(step: int) -> float:
-        w = _warmup(step, cfg.warmup_steps)
-        if w is not None:
-            return w
-        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return 1 - (1 - cfg.min_lr_ratio) * min(1.0, t)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    lo = cfg.min_lr_ratio
+    return _warmup_then(cfg, optimizer, total_steps, lambda t: 1 - (1 - lo) * t)
 
 
 def build_constant(cfg: ConstantSchedule, *, optimizer: torch.optim.Optimizer,

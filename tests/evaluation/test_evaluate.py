@@ -13,7 +13,7 @@ import yaml
 from llmcli.errors import UserError
 from llmcli.evaluation.evaluate import evaluate
 from llmcli.evaluation.metrics import gaps
-from tests.conftest import refuse_writes_under
+from tests.conftest import read_only_tree, refuse_writes_under
 
 QUIET = {"log": lambda m: None}
 
@@ -302,14 +302,8 @@ def test_eval_of_a_run_folder_that_cannot_be_written(tiny_run, tmp_path, monkeyp
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions, so chmod cannot make the run read-only")
 def test_eval_no_write_scores_a_read_only_run_folder(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
-    dirs = [run, *[p for p in run.rglob("*") if p.is_dir()]]
-    for d in dirs:
-        d.chmod(0o555)
-    try:
+    with read_only_tree(run):
         result = evaluate(run, write=False, **QUIET)
-    finally:
-        for d in dirs:
-            d.chmod(0o755)
     assert result["in_domain"] == ["kjv"] and not (run / "eval").exists()
 
 

@@ -16,7 +16,7 @@ from llmcli.errors import UserError
 from llmcli.evaluation.evaluate import evaluate
 from llmcli.experiments.compress import check_options, compress, compressible, prune_linear, quantize_int8, render_report
 from llmcli.models.load import load_trained
-from tests.conftest import refuse_writes_under
+from tests.conftest import read_only_tree, refuse_writes_under
 
 QUIET = {"log": lambda m: None}
 
@@ -156,14 +156,8 @@ def test_a_parent_that_cannot_be_written_compresses_completely(tiny_run, tmp_pat
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions, so chmod cannot make the parent read-only")
 def test_a_read_only_parent_compresses_completely(tiny_run, tmp_path):
     parent = shutil.copytree(tiny_run, tmp_path / "parent")
-    dirs = [parent, *[p for p in parent.rglob("*") if p.is_dir()]]
-    for d in dirs:
-        d.chmod(0o555)
-    try:
+    with read_only_tree(parent):
         child = compress(parent, prune=0.3, runs_dir=tmp_path / "children", **QUIET)
-    finally:
-        for d in dirs:
-            d.chmod(0o755)
     assert (child / "compress.json").is_file()
 
 
