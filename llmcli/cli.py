@@ -241,6 +241,9 @@ def eval_(
     file: Optional[str] = typer.Option(None, "--file", help="Classify each line of this file."),
     no_write: bool = typer.Option(False, "--no-write", help="Print the scores only: write no eval/*.json or "
                                   "pictures (e.g. for a read-only run folder)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="tfidf: also fit word 1-2-gram TF-IDF + "
+                                           "logistic regression on the run's training split and score it beside "
+                                           "the run (the eval JSON's `baseline`)."),
 ) -> None:
     """Score runs on every domain of their data: per-domain metrics and the in-domain vs OOD gap."""
 
@@ -248,6 +251,7 @@ def eval_(
         from rich.console import Console
 
         _check_checkpoint(checkpoint)
+        commands.check_eval_baseline(baseline, classifying=bool(text or file))
         if text or file:
             from llmcli.evaluation.classify import classify, read_texts
 
@@ -263,7 +267,8 @@ def eval_(
         console = Console(width=200)
         results = []
         for run_dir in run_dirs:
-            result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=commands.log)
+            result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=commands.log,
+                               baseline=baseline)
             written = [] if no_write else write_result(Path(run_dir), result, eval_stem(split, data))
             results.append(result)
             console.print(render_table(result))

@@ -45,6 +45,18 @@ def require_config_or_resume(command: str, folder: str, config: str | None, resu
         raise UserError(f"{command}: give a CONFIG, or --resume {folder}")
 
 
+# ---------------------------------------------------------------- llmcli eval
+
+
+def check_eval_baseline(baseline: str | None, *, classifying: bool) -> None:
+    """`--baseline` names a known baseline, and goes with scoring a run (not with classifying --text / --file)."""
+    from llmcli.evaluation.baseline import check_name
+
+    check_name(baseline)
+    if baseline is not None and classifying:
+        raise UserError("eval: --baseline scores a run's split beside the run; drop it with --text / --file")
+
+
 # ---------------------------------------------------------------- llmcli train
 
 

@@ -52,8 +52,10 @@ class SourceBuilder(Protocol):
 class Tokenizer(Protocol):
     """kind "tokenizer": what `build(cfg, texts=)` returns (`llmcli.data.tokenizers.TextTokenizer`).
 
-    Ids 0/1/2 are pad/bos/eos in every tokenizer. `save` writes the `tokenizer.json` that generation and
-    evaluation load back with `TextTokenizer.load`, so it is a Hugging Face `tokenizers` file.
+    Records are `[bos_id] text [eos_id]`, right-padded with `pad_id`: 0/1/2 in the tokenizers llmcli trains, the
+    model's own ids in `pretrained` (e.g. BERT's [CLS]/[SEP], GPT-2's <|endoftext|> as both, pad = eos where a
+    model has no pad token). `save` writes the `tokenizer.json` that generation and evaluation load back with
+    `TextTokenizer.load`, so it is a Hugging Face `tokenizers` file, and it records ids other than 0/1/2.
     """
 
     vocab_size: int
@@ -81,7 +83,8 @@ class Tokenizer(Protocol):
 
 
 class TokenizerBuilder(Protocol):
-    """kind "tokenizer": `build(cfg, texts)`, trained on the train split's texts (streamed once)."""
+    """kind "tokenizer": `build(cfg, texts)`, trained on the train split's texts (streamed once; a tokenizer that
+    learns nothing, as `byte` and `pretrained`, need not read them)."""
 
     def __call__(self, cfg: BaseModel, texts: Iterable[str]) -> Tokenizer: ...
 
@@ -117,6 +120,39 @@ class Backbone:
         """The blocks, in order, whose outputs (B, T, D) a conditioning layer (the conditioned objective's FiLM)
         may modulate between the embedding and the output; none by default (then only the ends are)."""
         return []
+
+    def hf_module(self) -> nn.Module | None:
+        """The Hugging Face `transformers` model inside a pretrained backbone (what LoRA wraps and the
+        pretrained tooling reads); None for llmcli's own from-scratch backbones."""
+        return None
+
+    def pretrained_record(self) -> dict[str, Any] | None:
+        """Names the pretrained weights a backbone started from (`llmcli.models.pretrained.Pretrained.record()`:
+        path, weight file, sha256, built-in name); None for a backbone trained from scratch."""
+        return None
+
+    def lm_head(self) -> nn.Module | None:
+        """The backbone's own LM head, (..., D) states -> (..., V') logits with V' >= the run's vocabulary: a
+        pretrained model's (tied to its embeddings or not, as the model is), an `nn.Linear` or an
+        `llmcli.models.model.LMHead` (a transform, then a linear decoder). None (default): `TwoHeadModel` makes a
+        bias-free linear head, tied to `embed` when the shapes match."""
+        return None
+
+    def causal(self) -> bool:
+        """Whether L is next-token prediction (default) or, for a bidirectional encoder, a masked-LM loss over
+        the positions `mask_tokens` picks (and `generate` refuses it)."""
+        return True
+
+    def mask_tokens(self, tokens: Tensor, lengths: Tensor, step: int | None = None) -> tuple[Tensor, Tensor]:
+        """A masked-LM backbone (`causal()` False): the input with some tokens masked (B, T) and which positions
+        are L's targets (B, T) bool (their original tokens), a pure function of the records and the training
+        `step` (None: evaluation), so runs and resumes are exact. A causal backbone never gets this call."""
+        raise NotImplementedError(f"{type(self).__name__} is not causal but defines no mask_tokens")
+
+    def states(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T, D) states of right-padded records (`lengths` real tokens each): by default `forward(idx)`,
+        as causal attention lets no real position see a pad; a bidirectional encoder masks the pads out."""
+        return self(idx)[0]  # type: ignore[operator]
 
 
 class BackboneBuilder(Protocol):
@@ -206,7 +242,8 @@ class DGMethod(ABC):
     def task_loss(self, model: nn.Module, batch: Batch, out: dict[str, Tensor], loss_fn: TaskLoss,
                   step: int) -> tuple[Tensor, dict[str, float]]:
         """(T, logs) for one micro-batch; `out` is `TwoHeadModel.losses(...)` (`task_loss`, `logits` (B, C),
-        `features` (B, D)) and `loss_fn` the run's task loss."""
+        `features` (B, D); with data.lm_only_domains also `lm_only_features` (B', D) and `lm_only_domains` (B',),
+        the unlabeled LM-only rows, which are not in `batch`) and `loss_fn` the run's task loss."""
 
     def end_step(self) -> None:  # noqa: B027 (a no-op default)
         """Called once per optimiser step, after all its micro-batches (nothing by default)."""

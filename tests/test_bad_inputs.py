@@ -119,6 +119,9 @@ SETS = {
     "wrong value type": ("train.steps=abc", ["train.steps", "'abc'"]),
     "value out of range": ("objective.alpha=2", ["objective.alpha", "less than or equal to 1"]),
     "unknown component": ("model.name=rnn9", ["model.name", "unknown model 'rnn9'"]),
+    "malformed freeze range": ("train.freeze=[blocks:3]", ["train.freeze.0", "not a layer range", "blocks:A-B"]),
+    "lora rank zero": ("train.lora={r: 0}", ["train.lora.r", "greater than or equal to 1"]),
+    "lora with init_from": ("train={lora: {r: 4}, init_from: runs/x}", ["train", "lora and init_from exclude each other"]),
 }
 
 
@@ -247,6 +250,52 @@ def test_bad_run_folder(tmp_path, run, case):
     assert_rejected(tmp_path, [*command, str(run)], str(run), *fragments)
 
 
+# ---------------------------------------------------------------- LoRA and layer ranges (llmcli/models/lora.py, transfer.py)
+
+
+def _train_args(processed_dir: Path, runs: Path, *sets: str) -> list[str]:
+    """`llmcli train` on the tiny config with its data already processed (outside tmp_path), runs under `runs`."""
+    args = ["train", str(TINY), "--runs-dir", str(runs), "--no-progress", "--set", f"data.processed_dir={processed_dir}"]
+    return args + [a for s in sets for a in ("--set", s)]
+
+
+def assert_refused_at_setup(tmp_path: Path, args: list[str], *fragments: str) -> None:
+    """A train refused once its model is built: exit 2, one error line (after preprocess's own progress line),
+    no traceback, no run folder."""
+    result = runner.invoke(app, args)
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exit_code, result.output)
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert all(f in errors[0] for f in fragments), (fragments, errors[0])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "a run folder was created"
+
+
+def test_lora_on_a_from_scratch_model_is_one_line_before_any_run_folder(tmp_path, tiny_run, processed_dir):
+    assert_refused_at_setup(tmp_path, _train_args(processed_dir, tmp_path / "runs", "train.lora={r: 4}"),
+                            "train.lora", "pretrained backbone", "trained from scratch")
+
+
+def test_a_freeze_range_beyond_the_blocks_is_one_line(tmp_path, tiny_run, processed_dir):
+    assert_refused_at_setup(tmp_path, _train_args(processed_dir, tmp_path / "runs", "train.freeze=[blocks:0-3]"),
+                            "train.freeze", "'blocks:0-3' goes beyond the model's blocks: it has 1")
+
+
+def test_a_lora_run_whose_base_model_changed_is_one_line(tmp_path, tiny, processed_dir):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from llmcli.training.engine import train
+    from tests.hf_models import tiny_gpt2
+
+    base = tiny_gpt2(tmp_path / "base")
+    run = train(tiny(f"model={{name: hf_causal, path: '{base}'}}", "data.tokenizer={name: pretrained}",
+                     "train.lora={r: 2}", "train.steps=2", "train.eval_every=2"),
+                runs_dir=tmp_path / "runs", progress=False, log=lambda m: None)
+    shutil.rmtree(base)
+    tiny_gpt2(base, seed=1)  # the same architecture and tokenizer, other weights
+    for command in (["eval"], ["generate", "--prompt", "In"]):
+        assert_rejected(tmp_path, [*command, str(run)], str(run), "changed since this LoRA run was trained", "sha256")
+
+
 def test_run_folder_missing(tmp_path):
     assert_rejected(tmp_path, ["eval", str(tmp_path / "nope")], "nope", "run folder not found")
 
@@ -261,6 +310,9 @@ ARGS = {
     "repeated alpha": (["sweep-alpha", str(TINY), "--alphas", "0.5,0.5"], ["--alphas", "repeats"]),
     "unknown split": (["eval", "{run}", "--split", "dev"], ["--split", "'dev'"]),
     "unknown checkpoint": (["eval", "{run}", "--checkpoint", "middle"], ["--checkpoint", "'middle'"]),
+    "unknown baseline": (["eval", "{run}", "--baseline", "bow"], ["--baseline", "'bow'", "(allowed: tfidf)"]),
+    "baseline with --text": (["eval", "{run}", "--baseline", "tfidf", "--text", "In the beginning"],
+                             ["--baseline", "--text / --file"]),
     "negative token count": (["generate", "{run}", "-n", "-3"], ["--max-new-tokens", "[1, 1000000]"]),
     "non-integer token count": (["generate", "{run}", "-n", "ten"], ["--max-new-tokens", "integer"]),
     "top-k zero": (["generate", "{run}", "--top-k", "0"], ["--top-k", "[1, 1000000]"]),

@@ -56,6 +56,9 @@ OVERRIDES: dict[str, dict[str, Case]] = {
         "bpe": case(),
         "char": case(*JSONL, "data.tokenizer={name: char}"),  # a small corpus: the bible preprocess costs seconds
         "byte": case(*JSONL, "data.tokenizer={name: byte}"),
+        # the model's own tokenizer (tiny.yaml names bpe, which a pretrained model refuses); as the hf_causal line
+        "pretrained": case("model={name: hf_causal, path: '$tiny_gpt2'}", "data.tokenizer={name: pretrained}",
+                           needs="transformers"),
     },
     "model": {
         "gpt": case(),
@@ -63,7 +66,10 @@ OVERRIDES: dict[str, dict[str, Case]] = {
         "gru": case("model={name: gru, n_layer: 1, d_model: 16}"),
         "rnn": case("model={name: rnn, n_layer: 1, d_model: 16}"),
         "mlp": case("model={name: mlp, context: 3, d_model: 16, hidden: 32}"),
-        "hf_causal": case("model={name: hf_causal, path: '$tiny_gpt2'}", needs="transformers"),
+        "hf_causal": case("model={name: hf_causal, path: '$tiny_gpt2'}", "data.tokenizer={name: pretrained}",
+                          needs="transformers"),
+        "hf_encoder": case("model={name: hf_encoder, path: '$tiny_bert'}", "data.tokenizer={name: pretrained}",
+                           needs="transformers"),
     },
     "task_loss": {
         "cross_entropy": case(),
@@ -133,15 +139,20 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random GPT-2 saved as a local Hugging Face model folder."""
-    transformers = pytest.importorskip("transformers")
-    import torch
+    """A tiny random GPT-2 saved as a local Hugging Face model folder, with its own tokenizer (tests/hf_models.py)."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import tiny_gpt2 as build
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=64)
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
+    return build(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random bare BERT encoder (no MLM head, as sentence encoders ship) with its own tokenizer."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import tiny_bert as build
+
+    return build(tmp_path_factory.mktemp("tiny-bert"), mlm_head=False)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from llmcli.config.schema import (
     GroupDROConfig,
     GRUConfig,
     HFCausalConfig,
+    HFEncoderConfig,
     IRMConfig,
     JsonlSource,
     LinearSchedule,
@@ -37,6 +38,7 @@ from llmcli.config.schema import (
     MSELoss,
     ParquetSource,
     PCGradObjective,
+    PretrainedTokenizer,
     RNNConfig,
     SGDConfig,
     TextSource,
@@ -57,6 +59,7 @@ _BUILTINS: dict[str, list[tuple[type, str]]] = {
         (BPETokenizer, "llmcli.data.tokenizers:build_bpe"),
         (CharTokenizer, "llmcli.data.tokenizers:build_char"),
         (ByteTokenizer, "llmcli.data.tokenizers:build_byte"),
+        (PretrainedTokenizer, "llmcli.data.tokenizers:build_pretrained"),
     ],
     "model": [
         (GPTConfig, "llmcli.models.gpt:build_gpt"),
@@ -65,6 +68,7 @@ _BUILTINS: dict[str, list[tuple[type, str]]] = {
         (RNNConfig, "llmcli.models.recurrent:build_recurrent"),
         (MLPConfig, "llmcli.models.mlp:build_mlp"),
         (HFCausalConfig, "llmcli.models.hf:build_hf_causal"),
+        (HFEncoderConfig, "llmcli.models.hf:build_hf_encoder"),
     ],
     "task_loss": [
         (CrossEntropyLoss, "llmcli.training.losses:build_cross_entropy"),

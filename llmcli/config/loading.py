@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from llmcli.config.assemble import COMPONENT_FIELDS, experiment_model
 from llmcli.config.messages import format_error, swap_hint
+from llmcli.config.schema import PRETRAINED_MODELS
 from llmcli.errors import UserError
 
 
@@ -99,8 +100,17 @@ def _fill_default_names(data: dict[str, Any]) -> None:
             section["name"] = owner.model_fields[key[-1]].default_factory().name
 
 
+def _name_pretrained_tokenizer(data: dict[str, Any]) -> None:
+    """A `data.tokenizer` section without `name` beside a pretrained model is the model's own tokenizer."""
+    model, section = data.get("model"), data.get("data")
+    section = section.get("tokenizer") if isinstance(section, dict) else None
+    if isinstance(model, dict) and model.get("name") in PRETRAINED_MODELS and isinstance(section, dict):
+        section.setdefault("name", "pretrained")
+
+
 def validate_config(data: dict[str, Any], source: str = "<config>") -> BaseModel:
     """Validate a config dict; a bad one is a UserError with one readable line."""
+    _name_pretrained_tokenizer(data)
     _fill_default_names(data)
     try:
         return experiment_model().model_validate(data)

@@ -7,9 +7,10 @@ them into discriminated unions. Nothing here imports torch or the registry.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmcli.data.sources import MAX_CLASS_ID
 
@@ -125,6 +126,14 @@ class ByteTokenizer(Strict):
     name: Literal["byte"] = "byte"
 
 
+class PretrainedTokenizer(Strict):
+    """A pretrained model's own tokenizer (its tokenizer.json), never trained; the default for a pretrained model."""
+
+    name: Literal["pretrained"] = "pretrained"
+    path: str | None = Field(None, description="the model whose tokenizer to use (a folder, a .gguf or builtin:NAME); "
+                             "null = model.path (filled in when the config is read)")
+
+
 class SplitConfig(Strict):
     """Split by group (e.g. chapter) from ratios and a seed, or take a fixed split from a field."""
 
@@ -230,12 +239,27 @@ class MLPConfig(Strict):
 
 
 class HFCausalConfig(Strict):
-    """A local Hugging Face causal LM directory as the backbone (`pip install 'llmcli[hf]'`)."""
+    """A pretrained causal LM (AutoModelForCausalLM) with its own LM head; L is next-token prediction."""
 
     name: Literal["hf_causal"] = "hf_causal"
-    path: str = Field(..., description="local model directory (config.json + weights); never downloaded")
+    path: str = Field(..., description="a local Hugging Face model folder (config.json + weights), a .gguf file or "
+                      "builtin:NAME; never downloaded")
     block_size: int | None = Field(None, ge=8, le=MAX_POSITIONS,
                                    description="cap on positions; null = the model's own limit")
+
+
+class HFEncoderConfig(Strict):
+    """A pretrained BERT-style encoder (AutoModelForMaskedLM); L is the masked-LM loss (BERT's 80/10/10 masking)."""
+
+    name: Literal["hf_encoder"] = "hf_encoder"
+    path: str = Field(..., description="a local Hugging Face model folder (config.json + weights) or builtin:NAME; "
+                      "never downloaded")
+    block_size: int | None = Field(None, ge=8, le=MAX_POSITIONS,
+                                   description="cap on positions; null = the model's own limit")
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="share of the real (non-special) tokens L "
+                                   "predicts; of those 80 % become the mask token, 10 % a random token, 10 % stay")
+    pool: Literal["mean", "cls"] = Field("mean", description="the task head's features: the mean state over the "
+                                         "record's tokens, or the state of its first token ([CLS])")
 
 
 class CrossEntropyLoss(Strict):
@@ -446,6 +470,36 @@ class ConstantSchedule(Strict):
 # ---------------------------------------------------------------- run-level concerns
 
 
+class LoRAConfig(Strict):
+    """`train.lora`: low-rank adapters (peft) on a pretrained backbone; its base weights stay frozen."""
+
+    r: int = Field(8, ge=1, le=MAX_WIDTH, description="rank of each adapter")
+    alpha: float = Field(16.0, gt=0.0, le=MAX_WEIGHT, description="scaling: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on each adapter's input")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="module names to adapt (peft matches a name or a dotted suffix); auto = peft's default "
+        "for the architecture where peft has one, else every Linear layer inside the blocks")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: str | list[str]) -> str | list[str]:
+        if not v:
+            raise ValueError("name at least one module, or give auto")
+        return v
+
+
+def _check_freeze_item(item: str) -> str:
+    """A freeze name, or a well-formed layer range: blocks:A-B (0-based, inclusive, A <= B) or bottom:K."""
+    kind, sep, rest = item.partition(":")
+    if not sep:
+        return item  # a part name (embedding, backbone, lm_head, cls_head): checked against the model
+    m = re.fullmatch({"blocks": r"(\d+)-(\d+)", "bottom": r"\d+"}.get(kind, r"(?!)"), rest)
+    if m is None or (kind == "blocks" and int(m.group(1)) > int(m.group(2))):
+        raise ValueError(f"{item!r} is not a layer range (allowed: blocks:A-B, 0-based and inclusive with A <= B, "
+                         "or bottom:K = the embeddings and the bottom K blocks)")
+    return item
+
+
 class TrainConfig(Strict):
     """The training loop."""
 
@@ -465,7 +519,10 @@ class TrainConfig(Strict):
     grad_accum_steps: int = Field(1, ge=1, le=MAX_BATCH,
                                   description="micro-batches of batch_size summed into one optimiser step")
     init_from: str | None = Field(None, description="run folder whose backbone + LM head weights start this run")
-    freeze: list[str] = Field(default_factory=list, description="parts not trained: embedding, backbone, lm_head, cls_head")
+    freeze: list[Annotated[str, AfterValidator(_check_freeze_item)]] = Field(
+        default_factory=list, description="parts not trained: embedding, backbone, lm_head, cls_head, or layer ranges "
+        "of the backbone's blocks: blocks:A-B (0-based, inclusive), bottom:K (the embeddings + the bottom K blocks)")
+    lora: LoRAConfig | None = Field(None, description="LoRA adapters on a pretrained backbone (peft); null = off")
     sampler: Literal["proportional", "balanced"] = Field(
         "proportional", description="batches drawn from the pooled train domains, or in equal shares per domain")
     select_by: Literal["train_domain_val", "leave_one_domain_out", "oracle"] = Field(
@@ -477,6 +534,13 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, le=4096,
                                 description="torch CPU threads; null = all cores (shared among torchrun ranks)")
     compile: bool = Field(False, description="torch.compile the backbone (pays a compile at start; see docs/performance.md)")
+
+    @model_validator(mode="after")
+    def _lora_starts_from_its_base(self) -> TrainConfig:
+        if self.lora is not None and self.init_from:
+            raise ValueError("lora and init_from exclude each other: a LoRA run saves adapters over the unchanged "
+                             "base model at model.path (set one of them to null)")
+        return self
 
 
 class EvalConfig(Strict):
@@ -520,6 +584,12 @@ class DataBase(Strict):
     lm_only_domains: list[str] = Field(
         default_factory=list, description="domains whose training text feeds L only (their labels never reach T)"
     )
+    lm_only_ratio: float = Field(
+        1.0, ge=0.0, le=64.0, description="LM-only rows drawn per labeled row, beside the unchanged labeled batch "
+        "(their own stream; training-time only, not part of the processed data)")
+    lm_only_in_tokenizer: bool = Field(
+        False, description="also train a from-scratch tokenizer on the lm_only domains' training text "
+        "(a pretrained tokenizer is never retrained)")
     max_len: int = Field(64, ge=4, le=4096, description="tokens per record (BOS included); longer ones are cut")
     processed_dir: str = Field("data/processed", description="where preprocessed data is cached")
     augment: list[Augment] = Field(default_factory=list, description="training-time augmentations (train split only)")
@@ -535,6 +605,10 @@ class DataBase(Strict):
         return self
 
 
+# Backbones that bring their own vocabulary: their tokenizer is the model's own (`data.tokenizer: pretrained`).
+PRETRAINED_MODELS = ("hf_causal", "hf_encoder")
+
+
 class ExperimentBase(Strict):
     """Top-level fields besides the concerns."""
 
@@ -547,6 +621,27 @@ class ExperimentBase(Strict):
         block, max_len = getattr(getattr(self, "model", None), "block_size", None), self.data.max_len
         if block is not None and max_len > block:
             raise ValueError(f"model.block_size: {block} is shorter than data.max_len ({max_len})")
+        return self
+
+    @model_validator(mode="after")
+    def _pretrained_models_use_their_own_tokenizer(self) -> ExperimentBase:
+        # default (data.tokenizer not given) and refusal for a pretrained model; a null path becomes model.path,
+        # so every builder (and the processed data's key) sees a concrete path
+        model, data = getattr(self, "model", None), getattr(self, "data", None)
+        if model is None or data is None:
+            return self
+        pretrained_model = model.name in PRETRAINED_MODELS
+        if pretrained_model and "tokenizer" not in data.model_fields_set:
+            data.tokenizer = PretrainedTokenizer()
+        tok = data.tokenizer
+        if pretrained_model and tok.name != "pretrained":
+            raise ValueError(f"data.tokenizer: {tok.name!r} cannot be used with model {model.name!r}: a pretrained "
+                             "model needs its own tokenizer (data.tokenizer: {name: pretrained}, the default for it)")
+        if tok.name == "pretrained" and tok.path is None:
+            if not pretrained_model:
+                raise ValueError(f"data.tokenizer.path: null means the model's own tokenizer, but model {model.name!r} "
+                                 "has none; name a pretrained model (a folder, a .gguf file or builtin:NAME)")
+            tok.path = model.path
         return self
 
     @model_validator(mode="after")

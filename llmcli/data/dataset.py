@@ -12,6 +12,8 @@ import torch
 
 from llmcli.errors import UserError
 
+TOKEN_DTYPES = ("uint16", "uint32")  # what preprocess writes tokens.bin as (`preprocess.token_dtype`)
+
 
 @dataclass
 class Batch:
@@ -41,7 +43,10 @@ class ProcessedData:
 
     def _open(self) -> None:
         self.manifest: dict[str, Any] = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
-        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.uint16, mode="r")
+        dtype = self.manifest.get("token_dtype", "uint16")  # uint32 for vocabularies over 65,536 tokens
+        if dtype not in TOKEN_DTYPES:
+            raise ValueError(f"manifest token_dtype {dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(dtype), mode="r")
         self.offsets = np.load(self.path / "offsets.npy")
         self.labels = np.load(self.path / "labels.npy")
         self.domain_ids = np.load(self.path / "domains.npy")
@@ -113,3 +118,13 @@ def balanced_stream(sizes: list[int], seed: int, micro_step: int, batch_size: in
         count = base + int((g - micro_step) % k < extra)
         out.append(epoch_stream(n, seed * 1_000_003 + g + 1, start, count) if count else np.empty(0, np.int64))
     return out
+
+
+def stream_seed(seed: int, name: str, *more: int) -> int:
+    """A 32-bit seed for a named stream of its own (e.g. the LM-only rows), derived from (seed, name, *more).
+
+    Its numbers never come out of the labeled stream's `[seed, epoch]` generators, so drawing from it leaves
+    the labeled batches exactly as they are without it.
+    """
+    key = [seed, *name.encode(), *more]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmcli.data.sources import input_files, input_packages
+from llmcli.data.sources import file_identity, input_files, input_packages
+from llmcli.data.tokenizers import tokenizer_inputs
 from llmcli.errors import UserError
 from llmcli.files import atomic_write_json, create_temp_dir, sha256_file, sha256_json
 from llmcli.registry import registry
@@ -61,8 +62,12 @@ def text_key(text: str) -> int:
 
 
 def data_key(data_cfg: DataBase) -> dict[str, Any]:
-    """What the processed data depends on (the cache location and training-time augmentation do not count)."""
-    return {"format": FORMAT_VERSION, **data_cfg.model_dump(mode="json", exclude={"processed_dir", "augment"})}
+    """What the processed data depends on (the cache location, training-time augmentation and the LM-only rows per
+    step do not count; nor, without lm_only_domains, lm_only_in_tokenizer: so adding it moved no existing cache)."""
+    skip = {"processed_dir", "augment", "lm_only_ratio"}
+    if not data_cfg.lm_only_domains:
+        skip.add("lm_only_in_tokenizer")
+    return {"format": FORMAT_VERSION, **data_cfg.model_dump(mode="json", exclude=skip)}
 
 
 def source_configs(data_cfg: DataBase) -> list[Any]:
@@ -181,15 +186,19 @@ def _packages(data_cfg: DataBase) -> dict[str, str | None]:
 
 
 def input_record(data_cfg: DataBase, sources: list[Any]) -> dict[str, Any]:
-    """The manifest's `inputs`: every user file's identity (path, size, mtime_ns, sha256) and the packages read."""
-    return {"files": [f for s in sources for f in s.inputs], "packages": _packages(data_cfg)}
+    """The manifest's `inputs`: every user file's identity (path, size, mtime_ns, sha256), the packages read and
+    a pretrained tokenizer's files (a changed tokenizer means other ids; a trained tokenizer has none to record)."""
+    tokenizer = [file_identity(p) for p in tokenizer_inputs(data_cfg.tokenizer)]
+    return {"files": [f for s in sources for f in s.inputs], "packages": _packages(data_cfg),
+            **({"tokenizer": tokenizer} if tokenizer else {})}
 
 
 def _inputs_changed(recorded: Any, data_cfg: DataBase, log: Any) -> str | None:
     """Why the recorded inputs differ from those on disk now (None: the same; a touched-only file is noted)."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), list):
         return "its manifest records no inputs (made by an older llmcli)"
-    return _packages_changed(recorded.get("packages") or {}, data_cfg) or _files_changed(recorded, data_cfg, log)
+    return (_packages_changed(recorded.get("packages") or {}, data_cfg) or _files_changed(recorded, data_cfg, log)
+            or _tokenizer_changed(recorded, data_cfg, log))
 
 
 def _packages_changed(old: dict[str, Any], data_cfg: DataBase) -> str | None:
@@ -204,9 +213,23 @@ def _packages_changed(old: dict[str, Any], data_cfg: DataBase) -> str | None:
 def _files_changed(recorded: dict[str, Any], data_cfg: DataBase, log: Any) -> str | None:
     """Why the user files differ from their records (None: the same)."""
     paths = [str(p.absolute()) for c in source_configs(data_cfg) for p in (input_files(c) or [])]
-    files = [f if isinstance(f, dict) else {} for f in recorded["files"]]
+    return _listed_files_changed(recorded["files"], paths, log)
+
+
+def _tokenizer_changed(recorded: dict[str, Any], data_cfg: DataBase, log: Any) -> str | None:
+    """Why a pretrained tokenizer's files differ from their records (None: the same; a trained tokenizer has none)."""
+    paths = [str(p.absolute()) for p in tokenizer_inputs(data_cfg.tokenizer)]
+    files = recorded.get("tokenizer", [])
+    if not isinstance(files, list):
+        return "its manifest's tokenizer record is damaged"
+    return _listed_files_changed(files, paths, log, what="the tokenizer's files")
+
+
+def _listed_files_changed(records: list[Any], paths: list[str], log: Any, what: str = "the input files") -> str | None:
+    """Why the files at `paths` differ from their records (None: the same)."""
+    files = [f if isinstance(f, dict) else {} for f in records]
     if paths != [f.get("path") for f in files]:
-        return _paths_changed([f.get("path") for f in files], paths)
+        return _paths_changed([f.get("path") for f in files], paths, what)
     for path, f in zip(paths, files):
         why = _file_changed(Path(path), f, log)
         if why:
@@ -214,12 +237,12 @@ def _files_changed(recorded: dict[str, Any], data_cfg: DataBase, log: Any) -> st
     return None
 
 
-def _paths_changed(before: list[Any], now: list[str]) -> str:
+def _paths_changed(before: list[Any], now: list[str], what: str = "the input files") -> str:
     """Which input files appeared or went away (a text source's glob, a moved file)."""
     added = [p for p in now if p not in before]
     gone = [str(p) for p in before if p not in now]
     parts = ([f"new: {', '.join(added)}"] if added else []) + ([f"gone: {', '.join(gone)}"] if gone else [])
-    return f"the input files changed ({'; '.join(parts) or 'their order'})"
+    return f"{what} changed ({'; '.join(parts) or 'their order'})"
 
 
 def _file_changed(path: Path, rec: dict[str, Any], log: Any) -> str | None:
@@ -304,8 +327,8 @@ class Scan:
             if s == 0 and r.domain in (self.train_domains or ()):
                 self.n_train_texts += 1
                 yield r.text
-            elif s == 0 and r.domain in self.cfg.lm_only_domains:  # unlabeled target text: the tokenizer sees it
-                yield r.text
+            elif s == 0 and r.domain in self.cfg.lm_only_domains and self.cfg.lm_only_in_tokenizer:
+                yield r.text  # unlabeled target text, only when asked (off by default: measured worse, docs/objectives.md)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The scanned arrays as numpy (views, no copy)."""
@@ -382,6 +405,12 @@ def _crossing(key: np.ndarray, split: np.ndarray, later_only: bool = False) -> n
 # ---------------------------------------------------------------- pass 2: write
 
 
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The narrowest unsigned type that holds every token id: uint16 up to 65,536 tokens, else uint32 (the 150K
+    vocabularies of Qwen or Llama 3)."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
 def _write_tokens(scan: Scan, tok: Any, keep: np.ndarray, tmp: Path, max_len: int, acc: Any) -> np.ndarray:
     """Encode the kept records in batches and append them to tokens.bin; returns the offsets."""
     n_read = 0
@@ -411,7 +440,7 @@ def _write_tokens(scan: Scan, tok: Any, keep: np.ndarray, tmp: Path, max_len: in
 def _flush(tok: Any, texts: list[str], idx: list[int], body: int, f: Any, offsets: array, acc: Any) -> None:
     ids = tok.encode_batch(texts)
     lens = np.fromiter((min(len(x), body) + 2 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.empty(int(lens.sum()), dtype=np.uint16)  # BOS body EOS, record after record
+    flat = np.empty(int(lens.sum()), dtype=token_dtype(tok.vocab_size))  # BOS body EOS, record after record
     pos = 0
     for x, n in zip(ids, lens.tolist()):
         flat[pos] = tok.bos_id
@@ -445,8 +474,6 @@ def _check_scan(scan: Scan, tok: Any) -> tuple[list[str], list[str]]:
     both = [d for d in lm_only if d in train_domains]
     if both:
         raise UserError(f"data.lm_only_domains: {both} are also in data.train_domains (a domain is one or the other)")
-    if tok.vocab_size > 65535:
-        raise UserError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 token arrays")
     return domains, train_domains
 
 
@@ -457,7 +484,8 @@ def _build(data_cfg: DataBase, tmp: Path, data_id: str, log: Any, tokenizer_path
     sources = [registry("source").build(s) for s in source_configs(data_cfg)]
     scan = Scan(data_cfg, sources)
     # Said only if the scan takes a while: bad data found at once stays a one-line error.
-    notice = threading.Timer(2.0, log, args=(f"preprocess: scanning {len(sources)} source(s) and training the "
+    making = "loading" if tokenizer_path is not None or data_cfg.tokenizer.name == "pretrained" else "training"
+    notice = threading.Timer(2.0, log, args=(f"preprocess: scanning {len(sources)} source(s) and {making} the "
                                               f"{data_cfg.tokenizer.name} tokenizer ...",))
     notice.daemon = True
     notice.start()
@@ -469,7 +497,7 @@ def _build(data_cfg: DataBase, tmp: Path, data_id: str, log: Any, tokenizer_path
             tok = TextTokenizer.load(tokenizer_path)
         else:
             tok = registry("tokenizer").build(data_cfg.tokenizer, texts=texts)
-        for _ in texts:  # finish the scan if the tokenizer did not read everything (byte reads nothing)
+        for _ in texts:  # finish the scan if the tokenizer did not read everything (byte, pretrained read nothing)
             pass
     finally:
         notice.cancel()
@@ -510,7 +538,8 @@ def _build(data_cfg: DataBase, tmp: Path, data_id: str, log: Any, tokenizer_path
         "n_records": int(keep.sum()),
         "n_tokens": int(offsets[-1]),
         "n_truncated": stats["n_truncated"],
-        "vocab_size": tok.vocab_size,
+        "vocab_size": tok.vocab_size,  # every id the tokenizer can give, added tokens included
+        "token_dtype": np.dtype(token_dtype(tok.vocab_size)).name,
         "pad_id": tok.pad_id,
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,

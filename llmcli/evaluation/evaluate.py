@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from llmcli.errors import UserError
+from llmcli.evaluation.baseline import check_name as check_baseline
+from llmcli.evaluation.baseline import table_cells, table_columns, tfidf_baseline
 from llmcli.files import atomic_write_json
 
 SPLITS = ("val", "test")
@@ -30,14 +32,17 @@ Prepare = Callable[[Any], dict[str, Any] | None]
 
 def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
              data_config: str | Path | None = None, plots: bool = True, write: bool = True,
-             log: Any = print, prepare: Prepare | None = None, stem: str | None = None) -> dict[str, Any]:
+             log: Any = print, prepare: Prepare | None = None, stem: str | None = None,
+             baseline: str | None = None) -> dict[str, Any]:
     """Per-domain metrics, gaps and warnings for one split; written to RUN_DIR/eval/<split>.json and returned.
 
     data_config: score on another data config's split instead (through the run's own tokenizer); the result
     then goes to RUN_DIR/eval/<split>-<config stem>.json. write=False: only return it (nothing in RUN_DIR changes).
     prepare: a model hook (see Prepare); stem: the output file's stem instead (e.g. test-alpha-0.25).
+    baseline: also fit and score this reference (`tfidf`, llmcli/evaluation/baseline.py): the result's `baseline`.
     """
-    result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data_config, log=log, prepare=prepare)
+    result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data_config, log=log, prepare=prepare,
+                       baseline=baseline)
     if write:
         write_result(Path(run_dir), result, stem or eval_stem(split, data_config), plots=plots)
     return result
@@ -45,7 +50,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
 
 def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
               data_config: str | Path | None = None, log: Any = print,
-              prepare: Prepare | None = None) -> dict[str, Any]:
+              prepare: Prepare | None = None, baseline: str | None = None) -> dict[str, Any]:
     """The eval result of one run and split, computed without writing anything into the run folder."""
     import torch
 
@@ -53,6 +58,7 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
 
     if split not in SPLITS:
         raise UserError(f"--split: {split!r} is not a split (allowed: {', '.join(SPLITS)})")
+    check_baseline(baseline)
     run_dir = Path(run_dir)
     t = load_trained(run_dir, checkpoint)  # runs.choose_checkpoint: None = best if the run has it, else last
     which = t.which
@@ -60,15 +66,19 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
     torch.set_num_threads(t.cfg.train.threads or torch.get_num_threads())
     data, leaks = _data(run_dir, t, data_config, split, log)
     per_domain, details, seconds = _score_domains(t, data, split)
+    judged = _judged(t, data, split, per_domain, details, leaks)
     return {
         "run": str(run_dir),
         "split": split,
         "data": str(data_config) if data_config else "run",
         "checkpoint": which,
+        "lm": t.model.lm_kind(),  # "masked": an encoder's lm_loss / ppl / bpb are masked-LM figures
         "step": t.checkpoint["step"],
         **({"condition": condition} if condition else {}),
         **selection(t.cfg, which),
-        **_judged(t, data, split, per_domain, details, leaks),
+        **judged,
+        **({"baseline": tfidf_baseline(t.cfg, t.manifest, data, split, judged["in_domain"], run_dir=run_dir,
+                                       data_config=data_config, log=log)} if baseline else {}),
         "seconds": round(seconds, 2),
         "ms_per_example": round(1000 * seconds / max(sum(m["n"] for m in per_domain.values()), 1), 4),
     }
@@ -233,21 +243,22 @@ def render_table(result: dict[str, Any]) -> Any:
     chosen += " - an upper bound, not a headline" if result.get("upper_bound") else ""
     # escaped: rich would read "[test split, ...]" as a markup tag and drop it
     table = Table(title=escape(f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
-                               f"step {result['step']}, selected by {chosen}]"), caption=gap_caption())
+                               f"step {result['step']}, selected by {chosen}]"), caption=gap_caption(result))
     table.add_column("domain")
-    for c in (*TABLE_COLS, GAP_HEADER):
+    for c in (*TABLE_COLS, GAP_HEADER, *table_columns(result)):
         table.add_column(c, justify="right")
     for d, m in result["domains"].items():
         gap = result["gap"].get(d, {}).get("gap_acc")
         name = f"{d} (in-domain)" if d in result["in_domain"] else d
         name += " (held out)" if d in result.get("held_out", []) else ""
-        table.add_row(name, *[_fmt(m.get(c)) for c in TABLE_COLS], _fmt(gap))
+        table.add_row(name, *[_fmt(m.get(c)) for c in TABLE_COLS], _fmt(gap), *map(_fmt, table_cells(result, d)))
     if "mean" in result["gap"]:
         mean = result["gap"]["mean"]
         table.add_row("mean OOD gap (in − OOD)", "", *[_fmt(mean.get(f"gap_{c}")) for c in TABLE_COLS[1:]],
-                      _fmt(mean.get("gap_acc")))
+                      _fmt(mean.get("gap_acc")), *map(_fmt, table_cells(result, None)))
         # the same sign means opposite things per metric: say which side is "OOD is worse" under each number
-        table.add_row("  OOD is worse if", "", *[ood_worse_if(c) for c in TABLE_COLS[1:]], ood_worse_if("acc"))
+        table.add_row("  OOD is worse if", "", *[ood_worse_if(c) for c in TABLE_COLS[1:]], ood_worse_if("acc"),
+                      *["> 0" for _ in table_columns(result)])  # the baseline's columns are acc, macro_f1, gap_acc
     return table
 
 
@@ -258,11 +269,19 @@ def ood_worse_if(metric: str) -> str:
     return "> 0" if metric in HIGHER_IS_BETTER else "< 0"
 
 
-def gap_caption() -> str:
-    """What the gap numbers of the eval table are and which sign is bad, per kind of metric."""
+def gap_caption(result: dict[str, Any] | None = None) -> str:
+    """What the gap numbers of the eval table are and which sign is bad, per kind of metric (and the baseline)."""
+    tfidf = ("; tfidf: word 1-2-gram TF-IDF + logistic regression fitted on the run's training split, scored on the "
+             "same records (--baseline)") if result and result.get("baseline") else ""
     return ("gap = in-domain − OOD: per OOD domain in the gap_acc column, their mean in the last rows; "
             "OOD is worse where a gap is > 0 for acc, macro_f1, macro_recall and < 0 for lm_loss, ppl, bpb, "
-            "task_loss, ece")
+            "task_loss, ece" + tfidf + masked_lm_note(result))
+
+
+def masked_lm_note(result: dict[str, Any] | None) -> str:
+    """For an encoder: its LM columns are masked-LM figures, not next-token ones."""
+    return ("; lm_loss / ppl / bpb: masked LM, the NLL of each record's masked tokens (BERT's 15 %, the same mask "
+            "every eval) per token / per UTF-8 byte") if result and result.get("lm") == "masked" else ""
 
 
 def _fmt(x: Any) -> str:
@@ -292,6 +311,10 @@ def render_comparison(results: list[dict[str, Any]]) -> Any:
     for r in results:
         table.add_row(Path(r["run"]).name, *[_fmt(v) for v in _side(r, r["in_domain"])],
                       *[_fmt(v) for v in _side(r, r["out_of_domain"])], _fmt(r["gap"].get("mean", {}).get("gap_acc")))
+        if "baseline" in r:  # the run's bag-of-words reference, on the same records, right under it
+            b = r["baseline"]
+            table.add_row(f"  {b['name']} (same data)", *[_fmt(v) for v in _side(b, r["in_domain"])],
+                          *[_fmt(v) for v in _side(b, r["out_of_domain"])], _fmt(b["gap"].get("mean", {}).get("gap_acc")))
     return table
 
 

@@ -206,7 +206,10 @@ def _load(run_dir: str | Path, checkpoint: str | None) -> Any:
     from llmcli.models.load import load_trained
 
     with too_big(f"{run_dir}: its model (model.* in config.yaml)"):
-        return load_trained(Path(run_dir), checkpoint)
+        t = load_trained(Path(run_dir), checkpoint)
+    if not t.model.backbone.causal():
+        raise UserError(f"generate needs a causal model; {run_dir} is an {t.cfg.model.name} (a masked-LM encoder)")
+    return t
 
 
 def settings(cfg: Any, *, max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = -1,

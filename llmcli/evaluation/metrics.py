@@ -35,11 +35,11 @@ def score(model: TwoHeadModel, data: ProcessedData, idx: np.ndarray, batch_size:
     for start in range(0, len(idx), batch_size):
         b = data.batch(idx[start : start + batch_size])
         tokens, lengths, labels = b.tokens.to(device), b.lengths.to(device), b.labels.to(device)
-        h = model(tokens)  # (B, T, D)
+        h = model(tokens, lengths)  # (B, T, D)
         nll, mask = model.lm_nll(h, tokens, lengths)
         nll_sum += float(nll.sum())
         n_tok += int(mask.sum())
-        n_bytes += int((token_bytes[tokens[:, 1:]] * mask).sum())
+        n_bytes += int((token_bytes[model.lm_targets(tokens)] * mask).sum())  # bytes of the predicted tokens
         logits = model.cls_head(model.pool(h, lengths))  # (B, C)
         lab = labels >= 0
         if lab.any():

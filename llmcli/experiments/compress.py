@@ -3,6 +3,8 @@
 Pruning: torch.nn.utils.prune (L1, unstructured, per Linear layer; made permanent). Quantisation: torch's
 dynamic int8 quantisation of Linear layers on CPU. The tied LM head shares the embedding matrix and stays float.
 How the compressed checkpoint is stored and loaded back is the models' business: llmcli/models/formats.py.
+A LoRA run is merged first (each adapter into its base layer, llmcli/models/lora.py): the compressed run then
+holds the whole merged model, as a run without adapters does.
 """
 
 from __future__ import annotations
@@ -100,11 +102,16 @@ def compress(run_dir: str | Path, *, quantize: str | None = None, prune: float |
 
 def _compressed_model(t: Any, parent: Path, which: str, quantize: str | None,
                       prune: float | None) -> tuple[nn.Module, dict[str, Any]]:
-    """The parent's model pruned and/or quantised (in memory) and the sidecar's `compression` record."""
+    """The parent's model (a LoRA run's adapters merged) pruned and/or quantised (in memory) and the sidecar's
+    `compression` record."""
+    from llmcli.models.lora import is_lora, merge_lora
+
     model = t.model.cpu().eval()
+    merged = merge_lora(model) if is_lora(model) else 0
     names = compressible(model)
     record: dict[str, Any] = {"parent": str(parent), "parent_checkpoint": which, "quantize": quantize, "prune": prune,
-                              "quantized": names if quantize else [], "pruned": names if prune else []}
+                              "quantized": names if quantize else [], "pruned": names if prune else [],
+                              "merged_lora_layers": merged}
     if prune:
         record["sparsity"] = prune_linear(model, names, prune)
     if quantize:

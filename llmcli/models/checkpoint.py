@@ -1,6 +1,9 @@
 """Checkpoints: tensors in safetensors (never pickle) plus a JSON sidecar with step, metrics,
 scalar optimiser/schedule state and the sha256 of the tensor file, verified on load.
 
+A LoRA run's checkpoint holds only the model state that is not its base model (adapters and heads,
+`llmcli.models.lora.adapter_state`) and names the base in its sidecar (`base_model`: path + sha256).
+
 The tensor file and its sidecar are two atomic writes. While a checkpoint is replaced, the old tensor
 file stays reachable as `<name>.prev.safetensors` (a hard link), so a crash between the two writes
 leaves a pair that still matches: the old sidecar and the `.prev` tensors.
@@ -49,11 +52,20 @@ def _keep_previous(path: Path) -> None:
         raise UserError(f"{path.parent}: cannot write a checkpoint here ({exc.strerror})") from None
 
 
+def saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model state a checkpoint holds: all of it, or for a LoRA model what is not its base model."""
+    from llmcli.models.lora import adapter_state, is_lora
+
+    return adapter_state(model) if is_lora(model) else model.state_dict()
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, meta: dict[str, Any]) -> None:
     """Write `path` (.safetensors) and its sidecar atomically, the pair consistent at every instant."""
     from safetensors.torch import save
 
-    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    from llmcli.models.lora import sidecar_fields
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in saved_state(model).items()}
     scalars: dict[str, dict[str, Any]] = {}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
@@ -73,8 +85,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     atomic_write_json(
         sidecar(path),
-        {**meta, "sha256": hashlib.sha256(data).hexdigest(), "optim_groups": opt["param_groups"], "optim_scalars": scalars,
-         "schedule": sched},
+        {**meta, **sidecar_fields(model), "sha256": hashlib.sha256(data).hexdigest(), "optim_groups": opt["param_groups"],
+         "optim_scalars": scalars, "schedule": sched},
     )
     previous(path).unlink(missing_ok=True)  # the new pair is complete
 
@@ -141,7 +153,7 @@ def load_checkpoint(path: Path, *, repair: bool = False) -> tuple[dict[str, torc
 def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Load the `model.*` tensors, naming any missing key or shape mismatch."""
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    own = model.state_dict()
+    own = saved_state(model)  # a LoRA model's base weights come from its base model, not from here
     for key, val in own.items():
         if key not in state:
             raise UserError(f"{path}: checkpoint lacks weight {key!r} (saved from another model?)")
@@ -152,7 +164,7 @@ def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path
     extra = sorted(set(state) - set(own))
     if extra:
         raise UserError(f"{path}: checkpoint has weights the model lacks ({', '.join(extra[:3])})")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=len(own) == len(model.state_dict()))
 
 
 def restore_training(optimizer: Any, scheduler: Any, tensors: dict[str, torch.Tensor], side: dict[str, Any],

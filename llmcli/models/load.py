@@ -25,7 +25,6 @@ class Trained:
 def load_trained(run_dir: Path, which: str | None = None) -> Trained:
     """Load `checkpoints/<which>.safetensors` of a run into a freshly built model (None: `runs.choose_checkpoint`'s
     default, best if the run has it, else last; the one chosen is `Trained.which`)."""
-    from llmcli.data.tokenizers import TextTokenizer
     from llmcli.models.checkpoint import load_checkpoint, restore_model
     from llmcli.models.formats import RECORD, restore_compressed
     from llmcli.models.model import build_model
@@ -41,6 +40,10 @@ def load_trained(run_dir: Path, which: str | None = None) -> Trained:
     which = choose_checkpoint(run_dir, which)  # after the folder's own checks: a missing folder is said as such
     path = run_dir / "checkpoints" / f"{which}.safetensors"
     tensors, side = load_checkpoint(path)
+    if not side.get(RECORD):
+        from llmcli.models.lora import check_base
+
+        check_base(cfg.train.lora, side, path)  # a LoRA run's base model: its sha256, before it is loaded
     model = build_model(cfg.model, vocab_size=manifest["vocab_size"], n_classes=len(manifest["label_names"]),
                         max_len=cfg.data.max_len)
     objective = registry("objective").build(cfg.objective)
@@ -49,10 +52,27 @@ def load_trained(run_dir: Path, which: str | None = None) -> Trained:
     if side.get(RECORD):  # written by `llmcli compress`: int8 layers are re-quantised as recorded
         restore_compressed(model, tensors, side[RECORD], path)
     else:
+        from llmcli.models.lora import restore_lora
+
+        restore_lora(model, cfg.train.lora, side, path)  # a LoRA run: the rebuilt base checked, adapters injected
         restore_model(model, tensors, path)
     model.eval()
+    return Trained(cfg, model, run_tokenizer(run_dir, manifest), manifest, side, which)
+
+
+def run_tokenizer(run_dir: Path, manifest: dict[str, Any]) -> Any:
+    """The run's tokenizer.json with its special ids (`TextTokenizer.load`), checked against the ids the data
+    was written with (data_manifest.json): a pretrained model's own ids, or 0/1/2 for a trained tokenizer."""
+    from llmcli.data.tokenizers import TextTokenizer
+
+    path = Path(run_dir) / "tokenizer.json"
     try:
-        tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
+        tok = TextTokenizer.load(path)
     except Exception as exc:  # the tokenizers library raises a bare Exception on a malformed file
-        raise UserError(f"{run_dir / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
-    return Trained(cfg, model, tokenizer, manifest, side, which)
+        raise UserError(f"{path}: not a readable tokenizer ({exc})") from None
+    ids = {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "vocab_size": tok.vocab_size}
+    differ = [f"{k} {manifest[k]} vs {v}" for k, v in ids.items() if k in manifest and manifest[k] != v]
+    if differ:
+        raise UserError(f"{path}: does not match the run's data_manifest.json ({', '.join(differ)}); the run folder "
+                        "was put together from different runs")
+    return tok

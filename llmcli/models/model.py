@@ -1,4 +1,10 @@
-"""The model every run trains: a backbone with an LM head (L) and a classification head (T)."""
+"""The model every run trains: a backbone with an LM head (L) and a classification head (T).
+
+L is next-token prediction for a causal backbone, the masked-LM loss for an encoder (`Backbone.causal()` False:
+the backbone masks the input, L is the NLL of the original tokens at the masked positions, and T reads a second
+forward of the unmasked input). The LM head is the backbone's own where it has one (a pretrained model's),
+else a linear head tied to the token embedding.
+"""
 
 from __future__ import annotations
 
@@ -17,56 +23,123 @@ if TYPE_CHECKING:
     from llmcli.data.dataset import Batch
 
 
+class LMHead(nn.Module):
+    """A head that transforms the states before its linear decoder (BERT's MLM head: dense, GELU, LayerNorm)."""
+
+    def __init__(self, decoder: nn.Linear, transform: nn.Module) -> None:
+        super().__init__()
+        self.decoder, self.transform = decoder, transform
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) states -> (..., V) logits."""
+        return self.decoder(self.transform(h))
+
+
+def head_parts(head: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    """(transform, decoder weight (V, D), decoder bias (V,) or None) of an `nn.Linear` or `LMHead`."""
+    if isinstance(head, LMHead):
+        return head.transform, head.decoder.weight, head.decoder.bias
+    if isinstance(head, nn.Linear):
+        return nn.Identity(), head.weight, head.bias
+    raise TypeError(f"an LM head is an nn.Linear or an llmcli.models.model.LMHead, not {type(head).__name__}")
+
+
+def fused_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+              row_weight: torch.Tensor) -> torch.Tensor:
+    """sum_i row_weight_i * CE(h_i @ weight.T + bias, targets_i) for h (N, D) by the chunked fused head."""
+    from llmcli.models.fused_ce import linear_cross_entropy
+
+    if bias is not None:  # the bias as one more input column: exact, and (N, V) logits are still never stored
+        h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)  # (N, D+1)
+        weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)  # (V, D+1)
+    return linear_cross_entropy(h, weight, targets, row_weight)
+
+
 class TwoHeadModel(nn.Module):
-    """backbone (B, T) -> (B, T, D); lm_head -> next-token logits; cls_head reads the backbone's pooled features."""
+    """backbone (B, T) -> (B, T, D); lm_head -> token logits; cls_head reads the backbone's pooled features."""
 
     backbone: Backbone
 
     def __init__(self, backbone: Backbone, d_model: int, vocab_size: int, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        if backbone.embed.weight.shape == self.lm_head.weight.shape:
-            self.lm_head.weight = backbone.embed.weight  # tied: one matrix reads and writes tokens
+        own = backbone.lm_head()
+        if own is None:
+            self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+            if backbone.embed.weight.shape == self.lm_head.weight.shape:
+                self.lm_head.weight = backbone.embed.weight  # tied: one matrix reads and writes tokens
+        else:
+            # the backbone's own head is already a submodule of the backbone: registered here too it would be
+            # stored twice in every checkpoint, so it is a plain attribute (`.to()` and `parameters()` reach it
+            # through the backbone)
+            object.__setattr__(self, "lm_head", own)
         self.cls_head = nn.Linear(d_model, n_classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, D)."""
-        return self.backbone(tokens)[0]
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, D); `lengths` (B,) of right-padded records lets an encoder mask its padding."""
+        return self.backbone.states(tokens, lengths) if lengths is not None else self.backbone(tokens)[0]
 
     def pool(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The task head's features (B, D): the backbone's `pool` (by default the state at each row's last real
-        token, its EOS, which has seen the whole record; the fixed-window MLP mean-pools)."""
+        token, its EOS, which has seen the whole record; the fixed-window MLP and encoders mean-pool)."""
         return self.backbone.pool(h, lengths)  # (B, D)
 
-    def lm_nll(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position next-token NLL (B, T-1) and its mask of real targets (padding excluded)."""
-        logits = self.lm_head(h[:, :-1])  # (B, T-1, V)
-        targets = tokens[:, 1:]  # (B, T-1)
-        mask = torch.arange(targets.shape[1], device=tokens.device)[None, :] < (lengths[:, None] - 1)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
-        return nll * mask, mask
+    def lm_kind(self) -> str:
+        """"causal" (L = next-token NLL) or "masked" (L = masked-LM NLL of an encoder)."""
+        return "causal" if self.backbone.causal() else "masked"
 
-    def lm_loss(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Mean next-token NLL over real targets; when training, by the chunked fused head (no (B, T, V) logits)."""
-        if not (torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)):
-            nll, mask = self.lm_nll(h, tokens, lengths)
+    def lm_targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token each position of `lm_nll` predicts: the next one (B, T-1), or the position's own (B, T)."""
+        return tokens[:, 1:] if self.backbone.causal() else tokens
+
+    def _lm_rows(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                 step: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(states that predict (B, T', D), their targets (B, T'), mask of real targets (B, T')) of the LM loss:
+        causal, T' = T - 1 from `h`; masked LM, T' = T from a forward of the masked input."""
+        if self.backbone.causal():
+            return h[:, :-1], tokens[:, 1:], _real(tokens.shape[1] - 1, lengths - 1)
+        masked, chosen = self.backbone.mask_tokens(tokens, lengths, step)  # (B, T), (B, T) bool
+        return self.backbone.states(masked, lengths), tokens, chosen
+
+    def lm_nll(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+               step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position LM NLL, zero off its mask of real targets, aligned with `lm_targets`: next-token (B, T-1)
+        from the states `h`; masked LM (B, T) at the masked positions, from a forward of the masked input."""
+        states, targets, mask = self._lm_rows(h, tokens, lengths, step)
+        transform, weight, bias = head_parts(self.lm_head)
+        if self.backbone.causal():
+            logits = F.linear(transform(states), weight, bias)  # (B, T-1, V)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+            return nll * mask, mask
+        logits = F.linear(transform(states[mask]), weight, bias)  # (N, V): the masked positions only
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=tokens.device)  # (B, T)
+        nll[mask] = F.cross_entropy(logits.float(), targets[mask], reduction="none")
+        return nll, mask
+
+    def lm_loss(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                step: int | None = None) -> torch.Tensor:
+        """Mean LM NLL over real targets; when training, by the chunked fused head (no (B, T, V) logits)."""
+        transform, weight, bias = head_parts(self.lm_head)
+        if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+            nll, mask = self.lm_nll(h, tokens, lengths, step)
             return nll.sum() / mask.sum().clamp(min=1)
-        from llmcli.models.fused_ce import linear_cross_entropy
+        states, targets, mask = self._lm_rows(h, tokens, lengths, step)
+        if self.backbone.causal():  # every position, pads weighted 0 (B*(T-1) rows)
+            rows, targets = transform(states).reshape(-1, states.shape[-1]), targets.reshape(-1)
+            row_weight = (mask.float() / mask.sum().clamp(min=1)).reshape(-1)  # the mean as a weighted sum
+        else:  # the ~15 % masked positions only (N rows)
+            rows, targets = transform(states[mask]), targets[mask]
+            row_weight = torch.full(targets.shape, 1.0 / max(len(targets), 1), device=rows.device)
+        return fused_nll(rows, weight, bias, targets, row_weight)
 
-        targets = tokens[:, 1:]  # (B, T-1)
-        mask = torch.arange(targets.shape[1], device=tokens.device)[None, :] < (lengths[:, None] - 1)  # (B, T-1)
-        weight = mask.float() / mask.sum().clamp(min=1)  # (B, T-1): the mean as a weighted sum
-        return linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight,
-                                    targets.reshape(-1), weight.reshape(-1))
-
-    def losses(self, batch: Batch, task_loss: TaskLoss) -> dict[str, torch.Tensor]:
-        """Mean LM loss over real target tokens, and the task loss over labeled rows."""
-        h = self(batch.tokens)  # (B, T, D)
+    def losses(self, batch: Batch, task_loss: TaskLoss, step: int | None = None) -> dict[str, torch.Tensor]:
+        """Mean LM loss over real target tokens, and the task loss over labeled rows; `step` (training) draws an
+        encoder's masks."""
+        h = self(batch.tokens, batch.lengths)  # (B, T, D); an encoder's from the unmasked input
         features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
         logits = self.cls_head(features)  # (B, C)
         return {
-            "lm_loss": self.lm_loss(h, batch.tokens, batch.lengths),
+            "lm_loss": self.lm_loss(h, batch.tokens, batch.lengths, step),
             "task_loss": task_loss(logits, batch.labels),
             "logits": logits,
             "features": features,
@@ -86,6 +159,11 @@ class TwoHeadModel(nn.Module):
             seen.add(id(p))
             (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
         return decay, no_decay
+
+
+def _real(width: int, n: torch.Tensor) -> torch.Tensor:
+    """(B, width) bool: the first n[b] positions of each row."""
+    return torch.arange(width, device=n.device)[None, :] < n[:, None]
 
 
 def build_model(model_cfg: BaseModel, *, vocab_size: int, n_classes: int, max_len: int) -> TwoHeadModel:

@@ -1,10 +1,11 @@
-"""Transfer learning: start from another run's backbone and LM head (`train.init_from`), freeze parts (`train.freeze`)."""
+"""Transfer learning: start from another run's backbone and LM head (`train.init_from`), LoRA adapters on a
+pretrained backbone (`train.lora`, llmcli/models/lora.py), freeze parts or layer ranges (`train.freeze`)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -25,13 +26,48 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return parts
 
 
+def _blocks(backbone: nn.Module, item: str) -> tuple[nn.Module, list[nn.Module]]:
+    """(the module owning the blocks, the blocks): the transformers model's layer list, else the backbone's own."""
+    from llmcli.models.lora import hf_blocks
+
+    hf = backbone.hf_module()
+    if hf is not None:
+        return hf, list(hf_blocks(hf))
+    blocks = list(backbone.residual_blocks())
+    if not blocks:
+        raise UserError(f"train.freeze: {item!r}: this backbone ({type(backbone).__name__}) has no blocks to freeze "
+                        "by range (layer ranges need hf_causal, hf_encoder or gpt)")
+    return backbone, blocks
+
+
+def layer_range(model: nn.Module, item: str) -> list[nn.Parameter]:
+    """Parameters of a layer range: `blocks:A-B` (0-based, inclusive), or `bottom:K` (the embeddings, i.e. every
+    weight registered below the first block, and blocks 0..K-1: only the top blocks then train)."""
+    owner, blocks = _blocks(model.backbone, item)
+    kind, _, rest = item.partition(":")
+    lo, hi = (int(x) for x in rest.split("-")) if kind == "blocks" else (0, int(rest) - 1)
+    if hi >= len(blocks):
+        raise UserError(f"train.freeze: {item!r} goes beyond the model's blocks: it has {len(blocks)} "
+                        f"(blocks:0-{len(blocks) - 1}, bottom:0 to bottom:{len(blocks)})")
+    params = [p for b in blocks[lo : hi + 1] for p in b.parameters()]
+    if kind == "bottom":
+        first = next(blocks[0].parameters(), None)
+        for p in owner.parameters():  # registration order: the embeddings come before the blocks
+            if p is first:
+                break
+            params.append(p)
+    return params
+
+
 def freeze(model: nn.Module, names: list[str]) -> None:
-    """Stop gradients into the named parts (a tied LM head freezes with the embedding: one matrix)."""
+    """Stop gradients into the named parts or layer ranges (a tied LM head freezes with the embedding: one matrix)."""
     parts = model_parts(model)
     for name in names:
-        if name not in parts:
-            raise UserError(f"train.freeze: this model has no part {name!r} (parts: {', '.join(sorted(parts))})")
-        for p in parts[name]:
+        params = layer_range(model, name) if ":" in name else parts.get(name)
+        if params is None:
+            raise UserError(f"train.freeze: this model has no part {name!r} (parts: {', '.join(sorted(parts))}; "
+                            "layer ranges: blocks:A-B, bottom:K)")
+        for p in params:
             p.requires_grad_(False)
 
 
@@ -45,10 +81,22 @@ def _checkpoint(run: Path) -> Path:
         raise UserError(f"train.init_from: {exc}") from None
 
 
-def init_from(model: nn.Module, run_dir: str | Path, data: ProcessedData) -> Path:
-    """Load backbone + LM head weights of `run_dir` into `model`; tokenizer and shapes must match."""
+def _source_weights(run: Path) -> tuple[Path, dict[str, Any]]:
+    """The default checkpoint of `run` and its model tensors; a LoRA run (adapters only) cannot be a source."""
     from llmcli.models.checkpoint import load_checkpoint
 
+    path = _checkpoint(run)
+    tensors, side = load_checkpoint(path)
+    if side.get("adapters_only"):
+        base = side.get("base_model")
+        over = base.get("path") if isinstance(base, dict) else None
+        raise UserError(f"train.init_from: {run} is a LoRA run (adapters only, over {over or 'a base model'}): "
+                        "start from that base model (model.path) instead")
+    return path, {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def init_from(model: nn.Module, run_dir: str | Path, data: ProcessedData) -> Path:
+    """Load backbone + LM head weights of `run_dir` into `model`; tokenizer and shapes must match."""
     run = Path(run_dir)
     tok = run / "tokenizer.json"
     if not tok.is_file():
@@ -56,9 +104,7 @@ def init_from(model: nn.Module, run_dir: str | Path, data: ProcessedData) -> Pat
     if hashlib.sha256(tok.read_bytes()).hexdigest() != data.manifest["tokenizer_sha256"]:
         raise UserError(f"train.init_from: {run} was trained with a different tokenizer than this run's data "
                         "(use the same data.source/tokenizer/split/train_domains/lm_only_domains)")
-    path = _checkpoint(run)
-    tensors, _ = load_checkpoint(path)
-    theirs = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    path, theirs = _source_weights(run)
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(TRANSFERRED)}
     for key, val in ours.items():
         if key not in theirs:
@@ -73,9 +119,14 @@ def init_from(model: nn.Module, run_dir: str | Path, data: ProcessedData) -> Pat
     return path
 
 
-def apply_transfer(model: nn.Module, train_cfg: TrainConfig, data: ProcessedData, load: bool = True) -> None:
-    """init_from (unless `load` is False, as on resume) then freeze, before the optimiser is built."""
+def apply_transfer(model: nn.Module, train_cfg: TrainConfig, data: ProcessedData, load: bool = True) -> str | None:
+    """init_from (unless `load` is False, as on resume), LoRA, then freeze, before the optimiser is built; the
+    LoRA summary line (what was adapted, how many parameters train), if any."""
+    from llmcli.models.lora import apply_lora, trainable_summary
+
     if train_cfg.init_from and load:
         init_from(model, train_cfg.init_from, data)
-    if train_cfg.freeze:
+    note = apply_lora(model, train_cfg.lora) if train_cfg.lora is not None else None
+    if train_cfg.freeze:  # after LoRA: a range then freezes its blocks' adapters too
         freeze(model, train_cfg.freeze)
+    return f"{note}: {trainable_summary(model)}" if note else None

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from llmcli.data.dataset import Batch
 
 Params = list[torch.Tensor]
-Out = dict[str, torch.Tensor]  # TwoHeadModel.losses(...): task_loss, logits (B, C), features (B, D)
+Out = dict[str, torch.Tensor]  # TwoHeadModel.losses(...): task_loss, logits (B, C), features (B, D); lm_only_*
 
 
 def per_domain(out: Out, batch: Batch, loss_fn: TaskLoss, domains: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
@@ -295,9 +295,12 @@ class DANN(DGMethod):
     def task_loss(self, model: nn.Module, batch: Batch, out: Out, loss_fn: TaskLoss,
                   step: int) -> tuple[torch.Tensor, dict]:
         """The features learn to fool the domain classifier while it learns to tell the domains apart."""
-        feats = out["features"]  # (B, D)
+        feats, domains = out["features"], batch.domains  # (B, D), (B,)
+        if "lm_only_features" in out:  # data.lm_only_domains' rows (the engine's LM-only stream): a domain, no labels
+            feats = torch.cat([feats, out["lm_only_features"]])  # (B + B', D)
+            domains = torch.cat([domains, out["lm_only_domains"]])  # (B + B',)
         self.classifier.to(feats.device)
-        target = self.lookup.to(feats.device)[batch.domains]  # (B,)
+        target = self.lookup.to(feats.device)[domains]  # (B + B',)
         logits = self.classifier(reverse_gradient(feats, self.cfg.reversal).float())  # (B, K)
         domain_loss = F.cross_entropy(logits, target)
         acc = float((logits.argmax(-1) == target).float().mean())

@@ -21,7 +21,7 @@ from llmcli.files import append_jsonl, atomic_write_bytes, atomic_write_text, re
 from llmcli.runs import create_run_dir, kept_metrics, load_run_config, new_meta, timestamp, truncate_metrics, update_meta
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
     from torch.optim.lr_scheduler import LRScheduler
 
     from llmcli.data.dataset import Batch, ProcessedData
@@ -47,7 +47,7 @@ class Session:
         self._setup_data(log)
         self._setup_model()
         self._setup_objective()
-        self._setup_weights(resuming)
+        self._setup_weights(resuming, log)
         self._setup_optimizer()
         self._setup_validation()
 
@@ -75,10 +75,22 @@ class Session:
             self.data = ProcessedData(preprocess(self.cfg.data, log=log))
         self.train_domains = _trained_domains(self.cfg, self.data)
         self.stream_domains = self.train_domains + self.data.lm_only_domains
-        self.train_idx = self.data.indices("train", self.stream_domains)
+        # the labeled stream: the train domains only, so its batches are the ones drawn without lm_only_domains
+        self.train_idx = self.data.indices("train", self.train_domains)
         # per-domain slices of train_idx, for the balanced sampler
         self.domain_idx = [self.train_idx[self.data.domain_ids[self.train_idx] == self.data.domains.index(d)]
-                           for d in self.stream_domains]
+                           for d in self.train_domains]
+        self._setup_lm_only()
+
+    def _setup_lm_only(self) -> None:
+        """The LM-only stream (data.lm_only_domains): its records, pooled and per domain, and its rows per micro-batch."""
+        lm_only = self.data.lm_only_domains
+        self.lm_only_idx = self.data.indices("train", lm_only)
+        self.lm_only_parts = [self.data.indices("train", [d]) for d in lm_only]
+        self.lm_only_rows = round(self.cfg.data.lm_only_ratio * self.cfg.train.batch_size) if lm_only else 0
+        empty = [d for d, part in zip(lm_only, self.lm_only_parts) if not len(part)]
+        if self.lm_only_rows and empty:
+            raise UserError(f"data.lm_only_domains: {empty} have no training-split records (data.split)")
 
     def _setup_model(self) -> None:
         """The model at its seeded initial weights, on the device; memory running out names the model's sizes."""
@@ -108,12 +120,14 @@ class Session:
                                        grad_accum_steps=cfg.train.grad_accum_steps)
         self.objective.wrap_model(self.model)  # objectives that add layers (conditioned) do it before the optimiser
 
-    def _setup_weights(self, resuming: bool) -> None:
-        """Transferred weights, compilation, and rank 0's starting point on every rank."""
+    def _setup_weights(self, resuming: bool, log: Log) -> None:
+        """Transferred weights (init_from, LoRA, freeze), compilation, and rank 0's starting point on every rank."""
         from llmcli.models.transfer import apply_transfer
         from llmcli.training.distributed import broadcast_parameters
 
-        apply_transfer(self.model, self.cfg.train, self.data, load=not resuming)  # a resume loads its own checkpoint
+        note = apply_transfer(self.model, self.cfg.train, self.data, load=not resuming)  # a resume loads its own
+        if note and self.dist.main:
+            log(note)  # which modules LoRA adapts and how many parameters train
         if self.cfg.train.compile:  # in place: parameter names and checkpoints stay those of the eager model
             self.model.backbone.compile(dynamic=True)  # dynamic: batch lengths vary (T = longest record)
         self.own = list(self.objective.parameters()) + list(self.dg.parameters())  # e.g. learned log-variances
@@ -556,17 +570,18 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
         sess.objective.prepare(sess.model, step)  # e.g. the conditioned objective draws this batch's alpha
         batch = _to(batch, sess.device)
         with autocast(sess.device):  # bf16 on CUDA; a no-op on CPU
-            out = sess.model.losses(batch, sess.task_loss)
+            out = sess.model.losses(batch, sess.task_loss, step=step * k + j)  # step: an encoder's masks
+        lm_loss, lm_logs, lm_tokens = _lm_only_loss(sess, step * k + j, batch, out)  # L over both streams
         # the DG method forms T from per-domain losses and features; metrics keep the plain pooled task_loss
         dg_task, dg_logs = sess.dg.task_loss(sess.model, batch, out, sess.task_loss, step)
-        micro = {**sess.objective.backward(out["lm_loss"], dg_task, shared, step), **dg_logs}
+        micro = {**sess.objective.backward(lm_loss, dg_task, shared, step), **dg_logs, **lm_logs}
         if cfg.dg.name != "erm":
             micro["dg_task_loss"] = float(dg_task.detach())
-        lms.append(float(out["lm_loss"].detach()))
+        lms.append(float(lm_loss.detach()))
         tasks.append(float(out["task_loss"].detach()))
         for key, v in micro.items():
             logs.setdefault(key, []).append(v)
-        n_tokens += batch.n_tokens
+        n_tokens += batch.n_tokens + lm_tokens
     sess.dg.end_step()  # once per optimiser step, skipped batch or not (GroupDRO moves its weights here)
     if k > 1:
         for group in sess.optimizer.param_groups:
@@ -575,6 +590,38 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
                     p.grad.div_(k)
     means = {key: (v[0] if key == "grad_cosine" else float(np.mean(v))) for key, v in logs.items()}
     return _reduce_ranks(sess, float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens)
+
+
+def _lm_only_loss(sess: Session, micro_step: int, batch: Batch,
+                  out: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
+    """L of one micro-batch over its labeled rows and its LM-only rows; its logs; the LM-only tokens.
+
+    L is the two streams' mean losses weighted by their real target tokens (for a causal LM: the mean over every
+    real target token of both, as one batch would give). The LM-only rows run a forward of their own, on a torch
+    RNG seeded from (seed, micro_step) and restored after, so the labeled rows' dropout, and so T, are exactly
+    those of a run without them. Their pooled states go to the DG method as `out["lm_only_features"]` (B', D)
+    with `out["lm_only_domains"]` (B',): a domain for DANN's classifier, never labeled rows.
+    """
+    import torch
+
+    from llmcli.data.dataset import stream_seed
+    from llmcli.device import autocast
+    from llmcli.training.distributed import shard
+
+    idx = shard(_lm_only_indices(sess, micro_step), sess.dist) if sess.lm_only_rows else np.empty(0, np.int64)
+    if not len(idx):
+        return out["lm_loss"], {}, 0
+    extra = _to(sess.data.batch(idx), sess.device)
+    with _forked_rng(sess.device):
+        torch.manual_seed(stream_seed(sess.cfg.seed, "lm_only", micro_step))
+        with autocast(sess.device):
+            # its labels are all -1: T is a graph-keeping zero; the step draws an encoder's masks
+            lm_out = sess.model.losses(extra, sess.task_loss, step=micro_step)
+    out["lm_only_features"], out["lm_only_domains"] = lm_out["features"], extra.domains
+    n_lab, n_lm = (batch.lengths - 1).clamp(min=0).sum(), (extra.lengths - 1).clamp(min=0).sum()
+    w = n_lm / (n_lab + n_lm).clamp(min=1)  # the LM-only rows' share of the real target tokens
+    lm_loss = (1 - w) * out["lm_loss"] + w * lm_out["lm_loss"]
+    return lm_loss, {"lm_only_loss": float(lm_out["lm_loss"].detach())}, extra.n_tokens
 
 
 def _reduce_ranks(sess: Session, lm: float, task: float, logs: dict[str, float],
@@ -660,6 +707,30 @@ def _batch_indices(sess: Session, micro_step: int) -> np.ndarray:
         pos = balanced_stream([len(d) for d in parts], cfg.seed, micro_step, bs)
         return np.concatenate([d[p] for d, p in zip(parts, pos)])
     return sess.train_idx[epoch_stream(len(sess.train_idx), cfg.seed, micro_step * bs, bs)]
+
+
+def _forked_rng(device: str) -> Any:
+    """A fork of the torch RNG of the CPU and of the run's device: what runs inside leaves both as they were."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = dev.index if dev.index is not None else torch.get_device_module(dev.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=dev.type)
+
+
+def _lm_only_indices(sess: Session, micro_step: int) -> np.ndarray:
+    """Record indices of one micro-batch's LM-only rows (data.lm_only_ratio per labeled row): a stream of their
+    own (`stream_seed`), a pure function of (seed, micro_step) like the labeled one, which it never moves."""
+    from llmcli.data.dataset import balanced_stream, epoch_stream, stream_seed
+
+    n, seed = sess.lm_only_rows, stream_seed(sess.cfg.seed, "lm_only")
+    if sess.cfg.train.sampler == "balanced":  # equal shares per LM-only domain too
+        parts = sess.lm_only_parts
+        pos = balanced_stream([len(d) for d in parts], seed, micro_step, n)
+        return np.concatenate([d[p] for d, p in zip(parts, pos)])
+    return sess.lm_only_idx[epoch_stream(len(sess.lm_only_idx), seed, micro_step * n, n)]
 
 
 def meta_params(run_dir: Path) -> str:

@@ -107,3 +107,54 @@ def test_a_save_cut_before_its_sidecar_loads_the_previous_pair(tmp_path):
     assert side["step"] == 1 and torch.equal(tensors["model.weight"], saved_weight)
     load_checkpoint(path, repair=True)
     assert path.read_bytes() == old and not previous(path).exists()
+
+
+# ---------------------------------------------------------------- LoRA checkpoints (llmcli/models/lora.py)
+
+
+@pytest.fixture(scope="module")
+def lora_session(tiny, tmp_path_factory):
+    """A LoRA session on a tiny Llama (adapters injected, nothing trained)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from llmcli.training.engine import Session
+    from tests.hf_models import tiny_llama
+
+    path = tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return Session(tiny(f"model={{name: hf_causal, path: '{path}'}}", "data.tokenizer={name: pretrained}",
+                        "train.lora={r: 2}"), log=lambda m: None)
+
+
+def test_a_lora_checkpoint_holds_only_adapters_and_heads_and_restores_into_adapters_only(lora_session, tmp_path):
+    from llmcli.models.lora import BASE_KEY
+    from llmcli.models.model import build_model
+
+    sess = lora_session
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, sess.model, sess.optimizer, sess.scheduler, {"step": 0})
+    tensors, side = load_checkpoint(path)
+    keys = {k.removeprefix("model.") for k in tensors if k.startswith("model.")}
+    assert keys and all("lora_" in k or k.startswith("cls_head.") for k in keys)
+    assert side["adapters_only"] and side[BASE_KEY] == sess.model.backbone.pretrained_record()
+    restore_model(sess.model, tensors, path)  # a LoRA model takes it back
+    plain = build_model(sess.cfg.model, vocab_size=sess.data.manifest["vocab_size"], n_classes=len(sess.data.label_names),
+                        max_len=sess.cfg.data.max_len)
+    with pytest.raises(UserError, match=r"last.safetensors: checkpoint lacks weight '.*'"):
+        restore_model(plain, tensors, path)  # a model without adapters needs its whole weights
+
+
+@pytest.mark.parametrize(("side", "lora", "fragment"), [
+    ({"step": 0}, True, "field 'base_model' (the base model a LoRA run needs) is missing"),
+    ({"step": 0, "base_model": {"path": "x", "sha256": "0" * 64}}, None, "holds LoRA adapters but the run's config.yaml"),
+    ({"step": 0, "base_model": {"path": "x", "sha256": "0" * 64}}, True, "the base model x changed since this LoRA run"),
+])
+def test_a_lora_sidecar_that_does_not_fit_is_one_line(lora_session, tmp_path, side, lora, fragment):
+    from llmcli.models.lora import restore_lora
+    from llmcli.models.model import build_model
+
+    sess = lora_session
+    model = build_model(sess.cfg.model, vocab_size=sess.data.manifest["vocab_size"], n_classes=len(sess.data.label_names),
+                        max_len=sess.cfg.data.max_len)
+    with pytest.raises(UserError) as exc:
+        restore_lora(model, sess.cfg.train.lora if lora else None, side, tmp_path / "last.safetensors")
+    assert fragment in one_line(exc)

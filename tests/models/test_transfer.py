@@ -59,8 +59,9 @@ def test_freeze_of_a_missing_part_names_the_field(tiny):
 def test_lm_only_domain_text_reaches_l_but_never_its_labels(tiny):
     sess = Session(tiny("data.lm_only_domains=[wyc]"), log=lambda m: None)
     data, wyc = sess.data, sess.data.domains.index("wyc")
-    rows = sess.train_idx[data.domain_ids[sess.train_idx] == wyc]
-    assert len(rows) > 0 and (data.labels[rows] == -1).all()  # its training text is in, its labels are not
+    rows = sess.lm_only_idx  # the LM-only stream (tests/training/test_lm_only.py); the labeled one is kjv's alone
+    assert len(rows) > 0 and (data.domain_ids[rows] == wyc).all() and (data.labels[rows] == -1).all()
+    assert not (data.domain_ids[sess.train_idx] == wyc).any()  # its training text is in, its labels are not
     assert (data.labels[data.indices("test", ["wyc"])] >= 0).all()  # still scored out-of-domain
     batches, seen = [], []
     real_batch, real_loss = data.batch, sess.task_loss
@@ -109,3 +110,83 @@ def test_a_finetune_resumes_without_its_source_run(tiny, tiny_run, tmp_path):
     shutil.rmtree(source)
     train(None, resume=part, **QUIET)
     assert json.loads((part / "meta.json").read_text())["status"] == "completed"
+
+
+# ---------------------------------------------------------------- layer ranges (train.freeze: blocks:A-B, bottom:K)
+
+
+@pytest.mark.parametrize(("arch", "auto", "where", "in_base"), [
+    ("gpt2", "AutoModelForCausalLM", "transformer.h", "h"), ("llama", "AutoModelForCausalLM", "model.layers", "layers"),
+    ("bert", "AutoModelForMaskedLM", "bert.encoder.layer", "encoder.layer"),
+    ("bert_bare", "AutoModel", "encoder.layer", "encoder.layer"),
+])
+def test_hf_blocks_finds_the_layer_list_of_each_architecture(tmp_path, arch, auto, where, in_base):
+    transformers = pytest.importorskip("transformers")
+    from llmcli.models.lora import hf_blocks
+    from tests.hf_models import BUILDERS
+
+    model = getattr(transformers, auto).from_pretrained(str(BUILDERS[arch](tmp_path)), local_files_only=True)
+    assert hf_blocks(model) is model.get_submodule(where) and len(hf_blocks(model)) == 2
+    assert hf_blocks(model.base_model) is model.base_model.get_submodule(in_base)  # with or without the task wrapper
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.hf_models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def llama_session(tiny, llama_dir, *sets):
+    return Session(tiny(f"model={{name: hf_causal, path: '{llama_dir}'}}", "data.tokenizer={name: pretrained}", *sets),
+                   log=lambda m: None)
+
+
+def frozen_names(model) -> set[str]:
+    return {n for n, p in model.backbone.hf_module().named_parameters() if not p.requires_grad}
+
+
+def test_freeze_bottom_k_freezes_the_embeddings_and_the_bottom_blocks(tiny, llama_dir):
+    model = llama_session(tiny, llama_dir, "train.freeze=[bottom:1]").model
+    frozen = frozen_names(model)
+    names = {n for n, _ in model.backbone.hf_module().named_parameters()}
+    assert any("embed_tokens" in n for n in frozen) and all("layers.0." in n or "embed_tokens" in n for n in frozen)
+    assert {n for n in names if "layers.0." in n} <= frozen
+    assert not any("layers.1." in n or n.endswith("norm.weight") and "layers" not in n for n in frozen)  # top trains
+    assert model.cls_head.weight.requires_grad
+
+
+def test_freeze_blocks_a_b_freezes_exactly_those_blocks(tiny, llama_dir):
+    model = llama_session(tiny, llama_dir, "train.freeze=[blocks:1-1]").model
+    names = {n for n, _ in model.backbone.hf_module().named_parameters()}
+    assert frozen_names(model) == {n for n in names if "layers.1." in n}
+
+
+def test_a_range_with_lora_freezes_the_adapters_of_those_blocks(tiny, llama_dir):
+    model = llama_session(tiny, llama_dir, "train.lora={r: 2}", "train.freeze=[blocks:0-0]").model
+    trainable = {n for n, p in model.backbone.hf_module().named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "layers.1." in n for n in trainable)
+
+
+def test_a_range_beyond_the_blocks_names_how_many_there_are(tiny, llama_dir):
+    with pytest.raises(UserError, match=r"train.freeze: 'blocks:0-2' goes beyond the model's blocks: it has 2 "):
+        llama_session(tiny, llama_dir, "train.freeze=[blocks:0-2]")
+    with pytest.raises(UserError, match=r"train.freeze: 'bottom:3' goes beyond the model's blocks: it has 2 "):
+        llama_session(tiny, llama_dir, "train.freeze=[bottom:3]")
+
+
+def test_ranges_also_cover_the_from_scratch_gpt_and_refuse_a_model_without_blocks(tiny):
+    model = Session(tiny("model.n_layer=2", "train.freeze=[bottom:1]"), log=lambda m: None).model
+    b = model.backbone
+    assert not b.embed.weight.requires_grad and not b.pos.weight.requires_grad
+    assert not any(p.requires_grad for p in b.blocks[0].parameters())
+    assert all(p.requires_grad for p in b.blocks[1].parameters())
+    with pytest.raises(UserError, match=r"train.freeze: 'blocks:0-0': this backbone \(\w+\) has no blocks"):
+        Session(tiny("model={name: lstm, d_model: 32}", "train.freeze=[blocks:0-0]"), log=lambda m: None)
+
+
+@pytest.mark.parametrize("item", ["blocks:3", "blocks:2-1", "top:4", "bottom:-1", "blocks:a-b"])
+def test_a_malformed_range_is_refused_when_the_config_is_read(tiny, item):
+    with pytest.raises(UserError, match=rf"train.freeze.0: '{item}' is not a layer range \(allowed: blocks:A-B"):
+        tiny(f"train.freeze=['{item}']")
