@@ -101,7 +101,8 @@ def session(data_dir: Path, device: str, overrides: list[str]) -> SimpleNamespac
     decay, no_decay = model.decay_groups()
     opt = registry("optimizer").build(cfg.optim, decay=decay, no_decay=no_decay)
     return SimpleNamespace(
-        cfg=cfg, data=data, model=model, device=dev, train_idx=idx, optimizer=opt, lm_only_rows=0,
+        cfg=cfg, data=data, model=model, device=dev, train_idx=idx, optimizer=opt,
+        lm_only_rows=0, prefix_states=lambda idx: None,  # no LM-only stream, no frozen-prefix cache
         scheduler=registry("schedule").build(cfg.schedule, optimizer=opt, total_steps=cfg.train.steps),
         task_loss=registry("task_loss").build(cfg.task_loss, n_classes=4, class_counts=np.ones(4, dtype=np.int64)),
         objective=registry("objective").build(cfg.objective), dist=Dist(),

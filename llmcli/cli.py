@@ -244,6 +244,8 @@ def eval_(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="tfidf: also fit word 1-2-gram TF-IDF + "
                                            "logistic regression on the run's training split and score it beside "
                                            "the run (the eval JSON's `baseline`)."),
+    no_base: bool = typer.Option(False, "--no-base", help="For a run from pretrained weights: skip scoring its "
+                                 "base model (the eval JSON's `forgetting`: ppl before / after per domain)."),
 ) -> None:
     """Score runs on every domain of their data: per-domain metrics and the in-domain vs OOD gap."""
 
@@ -268,7 +270,7 @@ def eval_(
         results = []
         for run_dir in run_dirs:
             result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data, log=commands.log,
-                               baseline=baseline)
+                               baseline=baseline, base=not no_base)
             written = [] if no_write else write_result(Path(run_dir), result, eval_stem(split, data))
             results.append(result)
             console.print(render_table(result))

@@ -154,6 +154,13 @@ class Backbone:
         as causal attention lets no real position see a pad; a bidirectional encoder masks the pads out."""
         return self(idx)[0]  # type: ignore[operator]
 
+    def prefix_blocks(self) -> nn.ModuleList | None:
+        """The blocks, bottom first, of which a frozen prefix cache (`llmcli.models.prefix_cache`) computes the
+        bottom k once and then skips: each is called with the hidden states (B, T, D) as its first argument and
+        returns them as one tensor, and `states` runs them in order, so that an entry can stand in for a block
+        while the top blocks run. None (default): no prefix cache for this backbone."""
+        return None
+
 
 class BackboneBuilder(Protocol):
     """kind "model": the builder (or backbone class) the registry calls."""

@@ -19,6 +19,17 @@ def processed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("processed")
 
 
+@pytest.fixture(autouse=True)
+def base_lm_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """eval's cache of base-model LM figures (llmcli/evaluation/forgetting.py) lives in the session's temp folder,
+    never in the user's ~/.cache (the GGUF conversions of `$LLMCLI_CACHE` stay shared)."""
+    import llmcli.evaluation.forgetting as forgetting
+
+    folder = tmp_path_factory.getbasetemp() / "base_lm"
+    monkeypatch.setattr(forgetting, "cache_root_base_lm", lambda: folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny(processed_dir: Path):
     """Build the tiny config with extra --set overrides."""

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -28,3 +30,22 @@ def test_generate_bench_times_both_paths_on_a_run(tiny_run):
     assert [x["bench"] for x in lines] == ["generate_tokens_per_s_cached", "generate_tokens_per_s_uncached",
                                            "generate_kv_cache_speedup"]
     assert all(x["value"] > 0 and x["new_tokens"] == 20 and x["model"] == "gpt" for x in lines)
+
+
+def test_pretrained_bench_sets_llmcli_beside_transformers_on_a_tiny_gpt2(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.hf_models import tiny_gpt2
+
+    lines = _run("pretrained.py", "--model", str(tiny_gpt2(tmp_path / "gpt2")), "--steps", "1", "--warmup", "0",
+                 "--batch", "2", "--len", "16", "--eval-records", "4", "--new-tokens", "6", "--repeats", "1",
+                 "--threads", "1", "--chapters", "1", "--inline")
+    got = {(x["bench"], x.get("side")) for x in lines}
+    for part, sides in (("train", ("llmcli", "llmcli_alpha1", "llmcli_bf16", "transformers")),
+                        ("eval", ("llmcli", "llmcli_bf16", "transformers")), ("generate", ("llmcli", "transformers"))):
+        assert {(f"pretrained_{part}_tokens_per_s", s) for s in sides} <= got
+    assert all(x["value"] > 0 for x in lines if x["bench"].endswith(("tokens_per_s", "speedup")))
+    train = {x["side"]: x for x in lines if x["bench"] == "pretrained_train_tokens_per_s"}
+    assert train["llmcli"]["tokens"] == train["transformers"]["tokens"]  # the same batches on both sides
+    (ppl,) = [x for x in lines if x["bench"] == "pretrained_zero_shot_ppl"]
+    assert ppl["rel_diff"] < 1e-5 and ppl["value"] > 1
+    assert [x["value"] for x in lines if x["bench"] == "pretrained_generate_same_tokens"] == [1.0]

@@ -8,7 +8,7 @@ them into discriminated unions. Nothing here imports torch or the registry.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -534,6 +534,18 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, le=4096,
                                 description="torch CPU threads; null = all cores (shared among torchrun ranks)")
     compile: bool = Field(False, description="torch.compile the backbone (pays a compile at start; see docs/performance.md)")
+    prefix_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the embeddings and the bottom k blocks are frozen, their states are computed "
+        "once (eval mode) into <processed>/prefix-<key>/ and read by every run and eval with that prefix; off: the "
+        "whole model runs every step (docs/pretrained.md)")
+    prefix_cache_dtype: Literal["fp32", "fp16"] = Field(
+        "fp32", description="how the prefix cache stores states: fp32 (exact to float rounding) or fp16 (half the disk)")
+
+    @field_validator("prefix_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false (`--set train.prefix_cache=off`, `prefix_cache: off`)
+        return "off" if v is False else v
 
     @model_validator(mode="after")
     def _lora_starts_from_its_base(self) -> TrainConfig:
@@ -549,6 +561,11 @@ class EvalConfig(Strict):
     batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     checkpoint: Literal["best", "last"] = "best"
     max_examples: int | None = Field(None, ge=1, le=MAX_EXAMPLES, description="per-domain cap; null = the whole split")
+    # forgetting (llmcli/evaluation/forgetting.py): a base without an LM head of its own (a sentence encoder) is
+    # scored with only its new MLM head fitted first, this many steps at this learning rate
+    base_head_steps: int = Field(300, ge=1, le=1_000_000, description="steps fitting a base encoder's new MLM head "
+                                 "before its 'before' LM figures are scored")
+    base_head_lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate of that head fit")
 
 
 # Sampling bounds, shared with the `llmcli generate` options (llmcli/evaluation/generate.py checks the flags against them).

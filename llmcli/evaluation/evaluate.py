@@ -18,6 +18,10 @@ import numpy as np
 from llmcli.errors import UserError
 from llmcli.evaluation.baseline import check_name as check_baseline
 from llmcli.evaluation.baseline import table_cells, table_columns, tfidf_baseline
+from llmcli.evaluation.forgetting import caption as forgetting_caption
+from llmcli.evaluation.forgetting import comparison_cells, comparison_columns
+from llmcli.evaluation.forgetting import table_cells as forgetting_cells
+from llmcli.evaluation.forgetting import table_columns as forgetting_columns
 from llmcli.files import atomic_write_json
 
 SPLITS = ("val", "test")
@@ -33,16 +37,18 @@ Prepare = Callable[[Any], dict[str, Any] | None]
 def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
              data_config: str | Path | None = None, plots: bool = True, write: bool = True,
              log: Any = print, prepare: Prepare | None = None, stem: str | None = None,
-             baseline: str | None = None) -> dict[str, Any]:
+             baseline: str | None = None, base: bool = True) -> dict[str, Any]:
     """Per-domain metrics, gaps and warnings for one split; written to RUN_DIR/eval/<split>.json and returned.
 
     data_config: score on another data config's split instead (through the run's own tokenizer); the result
     then goes to RUN_DIR/eval/<split>-<config stem>.json. write=False: only return it (nothing in RUN_DIR changes).
     prepare: a model hook (see Prepare); stem: the output file's stem instead (e.g. test-alpha-0.25).
     baseline: also fit and score this reference (`tfidf`, llmcli/evaluation/baseline.py): the result's `baseline`.
+    base: for a run from pretrained weights, also score its base model (llmcli/evaluation/forgetting.py): the
+    result's `forgetting`.
     """
     result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data_config, log=log, prepare=prepare,
-                       baseline=baseline)
+                       baseline=baseline, base=base)
     if write:
         write_result(Path(run_dir), result, stem or eval_stem(split, data_config), plots=plots)
     return result
@@ -50,10 +56,12 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
 
 def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | None = None,
               data_config: str | Path | None = None, log: Any = print,
-              prepare: Prepare | None = None, baseline: str | None = None) -> dict[str, Any]:
-    """The eval result of one run and split, computed without writing anything into the run folder."""
+              prepare: Prepare | None = None, baseline: str | None = None, base: bool = True) -> dict[str, Any]:
+    """The eval result of one run and split, computed without writing anything into the run folder (base: with
+    the base model's LM figures beside the run's, for a run from pretrained weights)."""
     import torch
 
+    from llmcli.evaluation.forgetting import measure
     from llmcli.models.load import load_trained
 
     if split not in SPLITS:
@@ -65,8 +73,11 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
     condition = prepare(t.model) if prepare else None
     torch.set_num_threads(t.cfg.train.threads or torch.get_num_threads())
     data, leaks = _data(run_dir, t, data_config, split, log)
-    per_domain, details, seconds = _score_domains(t, data, split)
+    scored, task_loss = scored_indices(t.cfg, data, split), eval_task_loss(t.cfg, data)
+    per_domain, details, seconds = _score_domains(t, data, scored, task_loss, log)
     judged = _judged(t, data, split, per_domain, details, leaks)
+    forgetting = measure(t, data, scored, per_domain, judged["in_domain"], task_loss, data_config=data_config,
+                         log=log) if base else None
     return {
         "run": str(run_dir),
         "split": split,
@@ -79,30 +90,48 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
         **judged,
         **({"baseline": tfidf_baseline(t.cfg, t.manifest, data, split, judged["in_domain"], run_dir=run_dir,
                                        data_config=data_config, log=log)} if baseline else {}),
+        **({"forgetting": forgetting} if forgetting else {}),
         "seconds": round(seconds, 2),
         "ms_per_example": round(1000 * seconds / max(sum(m["n"] for m in per_domain.values()), 1), 4),
     }
 
 
-def _score_domains(t: Any, data: Any, split: str) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """metrics.score per domain of `split` (capped at eval.max_examples); the probabilities/golds; seconds taken."""
-    from llmcli.evaluation.metrics import score
-    from llmcli.registry import registry
-    from llmcli.training.losses import class_counts
-
-    cfg = t.cfg
-    n_classes = len(data.label_names)
-    counts = class_counts(data.labels[data.indices("train", data.train_domains + data.lm_only_domains)], n_classes)
-    task_loss = registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
-    t0 = time.perf_counter()
-    per_domain, details = {}, {}
+def scored_indices(cfg: Any, data: Any, split: str) -> dict[str, np.ndarray]:
+    """The records eval scores per domain of `split` (capped at eval.max_examples; domains without any left out)."""
+    out = {}
     for d in data.domains:
         idx = data.indices(split, [d])
         if cfg.eval.max_examples:
             idx = idx[: cfg.eval.max_examples]
         if len(idx):
-            details[d] = {}
-            per_domain[d] = score(t.model, data, idx, cfg.eval.batch_size, task_loss, details=details[d])
+            out[d] = idx
+    return out
+
+
+def eval_task_loss(cfg: Any, data: Any) -> Any:
+    """The run's task loss, built as training built it (class counts of its training split)."""
+    from llmcli.registry import registry
+    from llmcli.training.losses import class_counts
+
+    n_classes = len(data.label_names)
+    counts = class_counts(data.labels[data.indices("train", data.train_domains + data.lm_only_domains)], n_classes)
+    return registry("task_loss").build(cfg.task_loss, n_classes=n_classes, class_counts=counts)
+
+
+def _score_domains(t: Any, data: Any, scored: dict[str, np.ndarray], task_loss: Any,
+                   log: Any = print) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """metrics.score per domain on its scored records; the probabilities/golds; seconds taken (computing a frozen
+    prefix not cached yet included: `llmcli.models.prefix_cache`, read as the run's training read it)."""
+    from llmcli.evaluation.metrics import score
+    from llmcli.models.prefix_cache import for_eval
+
+    t0 = time.perf_counter()
+    prefix = for_eval(t, data, log)
+    per_domain, details = {}, {}
+    for d, idx in scored.items():
+        details[d] = {}
+        per_domain[d] = score(t.model, data, idx, t.cfg.eval.batch_size, task_loss, details=details[d],
+                              prefix=prefix)
     return per_domain, details, time.perf_counter() - t0
 
 
@@ -243,22 +272,26 @@ def render_table(result: dict[str, Any]) -> Any:
     chosen += " - an upper bound, not a headline" if result.get("upper_bound") else ""
     # escaped: rich would read "[test split, ...]" as a markup tag and drop it
     table = Table(title=escape(f"{result['run']}  [{result['split']} split, {result['checkpoint']} checkpoint, "
-                               f"step {result['step']}, selected by {chosen}]"), caption=gap_caption(result))
+                               f"step {result['step']}, selected by {chosen}]"),
+                  caption=gap_caption(result) + forgetting_caption(result))
     table.add_column("domain")
-    for c in (*TABLE_COLS, GAP_HEADER, *table_columns(result)):
+    for c in (*TABLE_COLS, GAP_HEADER, *table_columns(result), *forgetting_columns(result)):
         table.add_column(c, justify="right")
     for d, m in result["domains"].items():
         gap = result["gap"].get(d, {}).get("gap_acc")
         name = f"{d} (in-domain)" if d in result["in_domain"] else d
         name += " (held out)" if d in result.get("held_out", []) else ""
-        table.add_row(name, *[_fmt(m.get(c)) for c in TABLE_COLS], _fmt(gap), *map(_fmt, table_cells(result, d)))
+        table.add_row(name, *[_fmt(m.get(c)) for c in TABLE_COLS], _fmt(gap), *map(_fmt, table_cells(result, d)),
+                      *map(_fmt, forgetting_cells(result, d)))
     if "mean" in result["gap"]:
         mean = result["gap"]["mean"]
         table.add_row("mean OOD gap (in − OOD)", "", *[_fmt(mean.get(f"gap_{c}")) for c in TABLE_COLS[1:]],
-                      _fmt(mean.get("gap_acc")), *map(_fmt, table_cells(result, None)))
+                      _fmt(mean.get("gap_acc")), *map(_fmt, table_cells(result, None)),
+                      *map(_fmt, forgetting_cells(result, None)))
         # the same sign means opposite things per metric: say which side is "OOD is worse" under each number
         table.add_row("  OOD is worse if", "", *[ood_worse_if(c) for c in TABLE_COLS[1:]], ood_worse_if("acc"),
-                      *["> 0" for _ in table_columns(result)])  # the baseline's columns are acc, macro_f1, gap_acc
+                      *["> 0" for _ in table_columns(result)],  # the baseline's columns are acc, macro_f1, gap_acc
+                      *["" for _ in forgetting_columns(result)])  # before / after, not in − OOD
     return table
 
 
@@ -301,20 +334,26 @@ def render_comparison(results: list[dict[str, Any]]) -> Any:
 
     table = Table(title=f"{len(results)} runs  [{results[0]['split']} split]",
                   caption="in / ood: means over the in-domain / OOD domains; "
-                          "gap_acc = in-domain − OOD acc (mean over OOD domains): > 0 means OOD is worse")
+                          "gap_acc = in-domain − OOD acc (mean over OOD domains): > 0 means OOD is worse"
+                          + ("; ppl ratio = ppl / the base model's ppl (mean over the domains): > 1 means the run "
+                             "lost LM quality" if comparison_columns(results) else ""))
     table.add_column("run")
     for c in COMPARE_COLS:
         table.add_column(f"in {c}", justify="right")
     for c in COMPARE_COLS:
         table.add_column(f"ood {c}", justify="right")
     table.add_column(GAP_HEADER, justify="right")
+    for c in comparison_columns(results):  # runs from pretrained weights: ppl / the base model's ppl
+        table.add_column(c, justify="right")
     for r in results:
         table.add_row(Path(r["run"]).name, *[_fmt(v) for v in _side(r, r["in_domain"])],
-                      *[_fmt(v) for v in _side(r, r["out_of_domain"])], _fmt(r["gap"].get("mean", {}).get("gap_acc")))
+                      *[_fmt(v) for v in _side(r, r["out_of_domain"])], _fmt(r["gap"].get("mean", {}).get("gap_acc")),
+                      *map(_fmt, comparison_cells(r, results)))
         if "baseline" in r:  # the run's bag-of-words reference, on the same records, right under it
             b = r["baseline"]
             table.add_row(f"  {b['name']} (same data)", *[_fmt(v) for v in _side(b, r["in_domain"])],
-                          *[_fmt(v) for v in _side(b, r["out_of_domain"])], _fmt(b["gap"].get("mean", {}).get("gap_acc")))
+                          *[_fmt(v) for v in _side(b, r["out_of_domain"])], _fmt(b["gap"].get("mean", {}).get("gap_acc")),
+                          *["-" for _ in comparison_columns(results)])
     return table
 
 

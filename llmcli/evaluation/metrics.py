@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from llmcli.contracts import TaskLoss
     from llmcli.data.dataset import ProcessedData
     from llmcli.models.model import TwoHeadModel
+    from llmcli.models.prefix_cache import PrefixCache
 
 # Metrics where higher is better; for the rest (losses, ppl, bpb) lower is better.
 HIGHER_IS_BETTER = {"acc", "macro_f1", "macro_recall"}
@@ -21,21 +22,26 @@ ECE_BINS = 15
 
 @torch.inference_mode()
 def score(model: TwoHeadModel, data: ProcessedData, idx: np.ndarray, batch_size: int, task_loss: TaskLoss,
-          device: str = "cpu", details: dict[str, Any] | None = None) -> dict[str, float]:
+          device: str = "cpu", details: dict[str, Any] | None = None,
+          prefix: PrefixCache | None = None) -> dict[str, float]:
     """lm_loss, ppl, bpb, task_loss, acc, macro_f1, macro_recall, ece over the records `idx` (batched by length).
 
     `details`, when given, receives the class probabilities ("probs", (N, C)) and gold labels ("golds", (N,)).
+    `prefix`: the run's frozen prefix cache (llmcli.models.prefix_cache): blocks k.. run from its states.
     """
     was_training = model.training
     model.eval()
     idx = idx[np.argsort(data.lengths(idx), kind="stable")]  # similar lengths together: less padding
+    if prefix is not None:
+        prefix.ensure(idx)  # computes what is not cached yet (once)
     nll_sum, n_tok, n_bytes, t_sum, n_lab = 0.0, 0, 0, 0.0, 0
     probs, golds = [], []
     token_bytes = data.token_bytes.to(device)
     for start in range(0, len(idx), batch_size):
         b = data.batch(idx[start : start + batch_size])
         tokens, lengths, labels = b.tokens.to(device), b.lengths.to(device), b.labels.to(device)
-        h = model(tokens, lengths)  # (B, T, D)
+        given = prefix.states(idx[start : start + batch_size], device) if prefix is not None else None
+        h = model(tokens, lengths) if given is None else model(tokens, lengths, given)  # (B, T, D)
         nll, mask = model.lm_nll(h, tokens, lengths)
         nll_sum += float(nll.sum())
         n_tok += int(mask.sum())

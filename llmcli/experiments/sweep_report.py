@@ -14,7 +14,7 @@ from llmcli.runs import read_metrics
 
 COLUMNS = ("mode", "variable", "value", "seed", "status", "acc_in", "macro_f1_in", "acc_ood", "macro_f1_ood",
            "gap_acc", "ppl_in", "ppl_ood", "gap_ppl", "lm_loss_in", "task_loss_in", "grad_cosine", "pareto",
-           "pareto_ood", "wall_s", "run", "error")
+           "pareto_ood", "wall_s", "ppl_ratio_in", "ppl_ratio_ood", "ppl_before_in", "ppl_before_ood", "run", "error")
 
 
 def _summarise_eval(result: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +32,23 @@ def _summarise_eval(result: dict[str, Any]) -> dict[str, Any]:
     return {"acc_in": mean(ind, "acc"), "macro_f1_in": mean(ind, "macro_f1"), "acc_ood": mean(ood, "acc"),
             "macro_f1_ood": mean(ood, "macro_f1"), "gap_acc": gap.get("gap_acc"), "gap_ppl": gap.get("gap_ppl"),
             "ppl_in": mean(ind, "ppl"), "ppl_ood": mean(ood, "ppl"), "lm_loss_in": mean(ind, "lm_loss"),
-            "task_loss_in": mean(ind, "task_loss")}
+            "task_loss_in": mean(ind, "task_loss"), **_forgetting(result)}
+
+
+def _forgetting(result: dict[str, Any]) -> dict[str, float | None]:
+    """A point from pretrained weights: its mean ppl ratio (ppl / the base model's ppl) and the base's mean ppl,
+    in-domain and OOD (eval's `forgetting`); nothing for a from-scratch point."""
+    import numpy as np
+
+    f = result.get("forgetting")
+    if not f:
+        return {}
+    out: dict[str, float | None] = {}
+    for where, domains in (("in", result["in_domain"]), ("ood", result["out_of_domain"])):
+        rows = [f["domains"][d] for d in domains if d in f["domains"]]
+        out[f"ppl_ratio_{where}"] = float(np.mean([r["ppl_ratio"] for r in rows])) if rows else None
+        out[f"ppl_before_{where}"] = float(np.mean([r["ppl_before"] for r in rows])) if rows else None
+    return out
 
 
 def _mean_grad_cosine(run: Path) -> float | None:
@@ -100,7 +116,7 @@ def front_flags(agg: list[dict[str, Any]], where: str = "in") -> dict[float, boo
 
 
 AGGREGATED = ("acc_in", "acc_ood", "gap_acc", "ppl_in", "ppl_ood", "gap_ppl", "lm_loss_in", "task_loss_in",
-              "grad_cosine", "wall_s")
+              "grad_cosine", "wall_s", "ppl_ratio_in", "ppl_ratio_ood", "ppl_before_in", "ppl_before_ood")
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,6 +221,7 @@ def pareto_figure(title: str, state: dict[str, Any], agg: list[dict[str, Any]],
         spans = _spans([a for data, *_ in series for a in data], where)
         for data, name, color, marker, offset in series:
             _draw_front(ax, data, where, (name, color, marker, offset), var, spans)
+        _draw_base(ax, agg, where)
         _style_axis(ax, panel, spans)
     axes[0].set_ylabel("task accuracy (higher is better)")
     axes[0].legend(fontsize=8, loc="best")
@@ -214,13 +231,23 @@ def pareto_figure(title: str, state: dict[str, Any], agg: list[dict[str, Any]],
     return fig
 
 
+def _draw_base(ax: Any, agg: list[dict[str, Any]], where: str) -> None:
+    """A sweep on pretrained weights: the base model's perplexity (before any training) as a dashed line, so the
+    points left of it retained (or gained) LM quality and those right of it forgot."""
+    before = [a[f"ppl_before_{where}"] for a in agg if a.get(f"ppl_before_{where}")]
+    if before:
+        ax.axvline(before[0], color="0.4", ls="--", lw=1, label="base model (before)")
+
+
 def _spans(rows: list[dict[str, Any]], where: str) -> tuple[float, float, float, float]:
     """(log10 x min, log10 x max, y min, y max) of a panel's points, every series together."""
     import math
 
     pts = [(math.log10(a[f"ppl_{where}"]), a[f"acc_{where}"]) for a in rows
            if a.get(f"ppl_{where}") and a.get(f"acc_{where}") is not None]
-    xs, ys = [p[0] for p in pts] or [0.0], [p[1] for p in pts] or [0.0]
+    # the base model's perplexity (a pretrained sweep's dashed line) stays inside the panel too
+    before = [math.log10(a[f"ppl_before_{where}"]) for a in rows if a.get(f"ppl_before_{where}")]
+    xs, ys = [p[0] for p in pts] + before or [0.0], [p[1] for p in pts] or [0.0]
     return min(xs), max(xs), min(ys), max(ys)
 
 
@@ -287,8 +314,8 @@ def _style_axis(ax: Any, title: str, spans: tuple[float, float, float, float]) -
 # ---------------------------------------------------------------- summary.md
 
 # How each metric is printed for a person (results.csv keeps 6 significant digits for machines).
-_FORMATS = (("gap_ppl", "+.1f"), ("gap_", "+.3f"), ("acc", ".3f"), ("macro_f1", ".3f"), ("ppl", ".1f"), ("loss", ".3f"),
-            ("grad_cosine", "+.3f"), ("wall_s", ".1f"), ("hypervolume", ".4f"))
+_FORMATS = (("ppl_ratio", ".3f"), ("gap_ppl", "+.1f"), ("gap_", "+.3f"), ("acc", ".3f"), ("macro_f1", ".3f"),
+            ("ppl", ".1f"), ("loss", ".3f"), ("grad_cosine", "+.3f"), ("wall_s", ".1f"), ("hypervolume", ".4f"))
 
 
 def fmt(key: str, x: Any, std: Any = None) -> str:
@@ -349,9 +376,12 @@ def _best_table(var: str, agg: list[dict[str, Any]]) -> list[str]:
 
 
 def _metric_table(var: str, agg: list[dict[str, Any]]) -> list[str]:
-    keys = ("acc_in", "acc_ood", "gap_acc", "ppl_in", "ppl_ood", "gap_ppl", "grad_cosine", "wall_s")
+    ratio = any(a.get("ppl_ratio_in") is not None for a in agg)  # points from pretrained weights
+    keys = ("acc_in", "acc_ood", "gap_acc", "ppl_in", "ppl_ood", "gap_ppl", "grad_cosine", "wall_s",
+            *(("ppl_ratio_in", "ppl_ratio_ood") if ratio else ()))
     lines = [f"| {var} | seeds | acc in | acc OOD | gap acc (in − OOD)¹ | ppl in | ppl OOD | gap ppl (in − OOD)¹ "
-             "| grad_cosine | wall s² |", "|" + " --- |" * 10]
+             "| grad_cosine | wall s² |" + (" ppl ratio in³ | ppl ratio OOD³ |" if ratio else ""),
+             "|" + " --- |" * (len(keys) + 2)]
     for a in agg:
         cells = " | ".join(fmt(k, a[k], a[f"{k}_std"]) for k in keys)
         lines.append(f"| {a['value']:g} | {a['n']} | {cells} |")
@@ -359,4 +389,7 @@ def _metric_table(var: str, agg: list[dict[str, Any]]) -> list[str]:
                     "means OOD is less accurate (worse); for ppl a positive gap means OOD has the lower perplexity "
                     "(better) and a negative one that OOD is worse. ± = std over seeds.",
                     "² a point's training + evaluation wall time (mean over seeds; a conditioned sweep repeats its one "
-                    "run's training time in every row)."]
+                    "run's training time in every row).",
+                    *(["³ ppl / the base model's ppl on the same records (eval's `forgetting`; the mean over the "
+                       "in-domain / OOD domains): > 1 means the point lost LM quality, < 1 that it gained; the dashed "
+                       "line of pareto.png is the base model's ppl."] if ratio else [])]

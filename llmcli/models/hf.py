@@ -24,6 +24,7 @@ from torch import nn
 
 from llmcli.contracts import Backbone
 from llmcli.errors import UserError
+from llmcli.models.lora import hf_blocks
 from llmcli.models.model import LMHead
 
 if TYPE_CHECKING:
@@ -62,15 +63,27 @@ class HFCausal(nn.Module, Backbone):
         """The model's own LM head (an nn.Linear, tied to the input embeddings where the model ties them)."""
         return self.hf.get_output_embeddings()
 
+    def prefix_blocks(self) -> nn.ModuleList:
+        """The transformer blocks (`lora.hf_blocks`): a frozen bottom of them can be cached (prefix_cache)."""
+        return hf_blocks(self.hf)
+
     @property
     def embed(self) -> nn.Embedding:
         """The input token embeddings."""
         return self.hf.get_input_embeddings()
 
-    def forward(self, idx: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    def forward(self, idx: torch.Tensor, cache: Any = None, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """States for `idx`; with a cache, `idx` continues the cached sequence (right padding needs no mask:
-        attention is causal, so no real position sees a pad). Training builds no cache."""
+        attention is causal, so no real position sees a pad). Training builds no cache. `pad` (B,): rows left-padded
+        by that many tokens (batched generation): the pads are masked out of attention and each row's positions
+        count from its first real token, as transformers' own generate does."""
         kw = {self._cache_arg: cache} if cache is not None else {}
+        if pad is not None:
+            past = cache.get_seq_length() if cache is not None else 0
+            width = past + idx.shape[1]
+            kw["attention_mask"] = (torch.arange(width, device=idx.device)[None, :] >= pad[:, None]).long()  # (B, W)
+            positions = torch.arange(past, width, device=idx.device)[None, :] - pad[:, None]  # (B, T)
+            kw["position_ids"] = positions.clamp(min=0)
         out = self._body[0](input_ids=idx, use_cache=cache is not None or not self.training, **kw)
         return out.last_hidden_state, out[self._cache_arg] if self._cache_arg in out else None  # (B, T, D), cache
 
@@ -132,6 +145,10 @@ class HFEncoder(nn.Module, Backbone):
     def lm_head(self) -> LMHead:
         """The MLM head: the model's own, or the new one tied to the word embeddings."""
         return self._own_head if self._own_head is not None else self.mlm_head
+
+    def prefix_blocks(self) -> nn.ModuleList:
+        """The transformer blocks (`lora.hf_blocks`): a frozen bottom of them can be cached (prefix_cache)."""
+        return hf_blocks(self.hf)
 
     def causal(self) -> bool:
         """An encoder: L is the masked-LM loss."""

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from llmcli.data.dataset import Batch
+    from llmcli.models.prefix_cache import Prefix
 
 
 class LMHead(nn.Module):
@@ -75,8 +76,12 @@ class TwoHeadModel(nn.Module):
             object.__setattr__(self, "lm_head", own)
         self.cls_head = nn.Linear(d_model, n_classes)
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states (B, T, D); `lengths` (B,) of right-padded records lets an encoder mask its padding."""
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None,
+                prefix: Prefix | None = None) -> torch.Tensor:
+        """Hidden states (B, T, D); `lengths` (B,) of right-padded records lets an encoder mask its padding.
+        `prefix`: the records' cached states below block k (`llmcli.models.prefix_cache`): only blocks k.. run."""
+        if prefix is not None:
+            return prefix.run(self.backbone, tokens, lengths)
         return self.backbone.states(tokens, lengths) if lengths is not None else self.backbone(tokens)[0]
 
     def pool(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -132,10 +137,11 @@ class TwoHeadModel(nn.Module):
             row_weight = torch.full(targets.shape, 1.0 / max(len(targets), 1), device=rows.device)
         return fused_nll(rows, weight, bias, targets, row_weight)
 
-    def losses(self, batch: Batch, task_loss: TaskLoss, step: int | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, batch: Batch, task_loss: TaskLoss, step: int | None = None,
+               prefix: Prefix | None = None) -> dict[str, torch.Tensor]:
         """Mean LM loss over real target tokens, and the task loss over labeled rows; `step` (training) draws an
-        encoder's masks."""
-        h = self(batch.tokens, batch.lengths)  # (B, T, D); an encoder's from the unmasked input
+        encoder's masks; `prefix`: the batch's cached frozen-prefix states (an encoder's masked input runs whole)."""
+        h = self(batch.tokens, batch.lengths, prefix)  # (B, T, D); an encoder's from the unmasked input
         features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
         logits = self.cls_head(features)  # (B, C)
         return {

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def is_pretrained_spec(spec: str) -> bool:
 
 def resolve(spec: str, field: str = "model.path") -> Pretrained:
     """The model `spec` names, checked (a folder with config.json and weights, a .gguf file, or builtin:NAME)."""
+    quiet_transformers()
     if spec.startswith(PREFIX):
         return _builtin(spec, field)
     path = Path(spec).expanduser()
@@ -82,6 +84,17 @@ def resolve(spec: str, field: str = "model.path") -> Pretrained:
             raise UserError(f"{field}: {path} does not exist (a .gguf file was named)")
         return _from_gguf(spec, path, field)
     return _from_folder(spec, path, field)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and load reports: llmcli prints its own lines (and refuses a
+    model with missing weights itself), and a bar per load would bury the training log."""
+    try:
+        from transformers.utils import logging
+    except ImportError:  # the extra is absent: the caller says what to install
+        return
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def _allowed() -> str:
@@ -168,6 +181,8 @@ def _convert_gguf(gguf: Path, out: Path, field: str) -> None:
     except ImportError:
         raise UserError(f"{field}: reading a .gguf file needs the optional extra: "
                         "pip install 'llmcli[pretrained]'") from None
+    print(f"{field}: converting {gguf.name} to float32 safetensors once, into {out} (about 20 s for SmolLM2-135M)",
+          file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -50,6 +50,7 @@ class Session:
         self._setup_weights(resuming, log)
         self._setup_optimizer()
         self._setup_validation()
+        self._setup_prefix()
 
     def _setup_device(self) -> None:
         """CPU threads, the device, and (under torchrun) the process group."""
@@ -150,6 +151,17 @@ class Session:
         self.select_domains = self._select_domains()
         self.objective.set_probe(self.probe)
 
+    def _setup_prefix(self) -> None:
+        """The frozen prefix cache (train.prefix_cache): opened here (no RNG drawn), filled when the loop starts
+        (its progress in train.log); None where it does not apply, `prefix_notes` saying why or what it means."""
+        from llmcli.models.prefix_cache import for_training
+
+        self.prefix, self.prefix_notes = for_training(self.model, self.cfg, self.data, self.device)
+
+    def prefix_states(self, idx: np.ndarray) -> Any:
+        """The cached prefix states of a training micro-batch's records, or None (no cache, or augmented batches)."""
+        return self.prefix.states(idx, self.device) if self.prefix is not None and self.prefix.batches else None
+
     def probe(self, step: int) -> dict[str, float]:
         """Metrics on one held-out batch (in-domain validation records, rotating with the step)."""
         from llmcli.data.dataset import epoch_stream
@@ -161,7 +173,7 @@ class Session:
             raise UserError("objective: the held-out probe needs labeled in-domain validation records (data.split.val)")
         n = min(self.cfg.train.batch_size, len(pool))
         idx = pool[epoch_stream(len(pool), self.cfg.seed, step * n, n)]
-        return score(self.model, self.data, idx, n, self.task_loss, self.device)
+        return score(self.model, self.data, idx, n, self.task_loss, self.device, prefix=self.prefix)
 
     def _select_domains(self) -> list[str]:
         """Domains whose validation score picks `best`: the train domains, or for `oracle` the test domains."""
@@ -192,7 +204,8 @@ class Session:
         self.objective.prepare(self.model, None)
         for d, idx in self.val_idx.items():
             if len(idx):
-                m = score(self.model, self.data, idx, self.cfg.eval.batch_size, self.task_loss, self.device)
+                m = score(self.model, self.data, idx, self.cfg.eval.batch_size, self.task_loss, self.device,
+                          prefix=self.prefix)
                 records.append({"step": step, "split": "val", "domain": d, **m})
         ind = [r for r in records if r["domain"] in self.select_domains]
         if not ind:
@@ -300,6 +313,7 @@ class Loop:
         self.sess.model.train()
         try:
             with StopRequest() as stop:
+                self.fill_prefix()
                 if not self.resuming:
                     self.checkpoint([], False)  # step 0: a run killed at any later step can resume
                 while st.step < tc.steps:
@@ -322,6 +336,16 @@ class Loop:
         finally:
             self.out.close()
         return self.finish()
+
+    def fill_prefix(self) -> None:
+        """Compute the frozen prefix of every record the run reads that is not cached yet (train.log shows it)."""
+        sess = self.sess
+        for note in sess.prefix_notes:
+            self.out.message(note)
+        if sess.prefix is not None:
+            sess.prefix.log = self.out.message
+            sess.prefix.ensure(_records_read(sess))
+            self.state.t_window = time.perf_counter()  # the first window's tokens/s measures training only
 
     def optimizer_step(self) -> None:
         """One optimiser step over train.grad_accum_steps micro-batches; a NaN/Inf follows train.on_nan."""
@@ -562,7 +586,8 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
     k, lms, tasks, logs, n_tokens = tc.grad_accum_steps, [], [], {}, 0
     for j in range(k):
         # the global batch; under torchrun, this rank's slice of it
-        batch = sess.data.batch(shard(_batch_indices(sess, step * k + j), sess.dist))
+        idx = shard(_batch_indices(sess, step * k + j), sess.dist)
+        batch, prefix = sess.data.batch(idx), sess.prefix_states(idx)
         if cfg.data.augment:  # train split only; a pure function of (seed, micro-step): resume stays exact
             from llmcli.data.augment import augment_batch
 
@@ -570,7 +595,8 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
         sess.objective.prepare(sess.model, step)  # e.g. the conditioned objective draws this batch's alpha
         batch = _to(batch, sess.device)
         with autocast(sess.device):  # bf16 on CUDA; a no-op on CPU
-            out = sess.model.losses(batch, sess.task_loss, step=step * k + j)  # step: an encoder's masks
+            # step: an encoder's masks; prefix: the records' cached frozen-prefix states (None: the whole model runs)
+            out = sess.model.losses(batch, sess.task_loss, step=step * k + j, prefix=prefix)
         lm_loss, lm_logs, lm_tokens = _lm_only_loss(sess, step * k + j, batch, out)  # L over both streams
         # the DG method forms T from per-domain losses and features; metrics keep the plain pooled task_loss
         dg_task, dg_logs = sess.dg.task_loss(sess.model, batch, out, sess.task_loss, step)
@@ -616,7 +642,7 @@ def _lm_only_loss(sess: Session, micro_step: int, batch: Batch,
         torch.manual_seed(stream_seed(sess.cfg.seed, "lm_only", micro_step))
         with autocast(sess.device):
             # its labels are all -1: T is a graph-keeping zero; the step draws an encoder's masks
-            lm_out = sess.model.losses(extra, sess.task_loss, step=micro_step)
+            lm_out = sess.model.losses(extra, sess.task_loss, step=micro_step, prefix=sess.prefix_states(idx))
     out["lm_only_features"], out["lm_only_domains"] = lm_out["features"], extra.domains
     n_lab, n_lm = (batch.lengths - 1).clamp(min=0).sum(), (extra.lengths - 1).clamp(min=0).sum()
     w = n_lm / (n_lab + n_lm).clamp(min=1)  # the LM-only rows' share of the real target tokens
@@ -718,6 +744,28 @@ def _forked_rng(device: str) -> Any:
         return torch.random.fork_rng(devices=[])
     index = dev.index if dev.index is not None else torch.get_device_module(dev.type).current_device()
     return torch.random.fork_rng(devices=[index], device_type=dev.type)
+
+
+def _records_read(sess: Session) -> np.ndarray:
+    """Every record a run reads: its validation subsets and, unless augmented, both training streams to the last
+    step (pure functions of (seed, micro-step); each walked until it covers its pool, which takes about an epoch)."""
+    parts = [*sess.val_idx.values()]
+    if sess.prefix.batches:
+        micro = sess.cfg.train.steps * sess.cfg.train.grad_accum_steps
+        parts.append(_drawn(sess.train_idx, micro, lambda m: _batch_indices(sess, m)))
+        if sess.lm_only_rows:
+            parts.append(_drawn(sess.lm_only_idx, micro, lambda m: _lm_only_indices(sess, m)))
+    return np.unique(np.concatenate(parts)).astype(np.int64)
+
+
+def _drawn(pool: np.ndarray, micro_steps: int, draw: Callable[[int], np.ndarray]) -> np.ndarray:
+    """The records `draw(m)` gives over micro-steps 0..micro_steps-1, stopping once all of `pool` is seen."""
+    seen: set[int] = set()
+    for m in range(micro_steps):
+        seen.update(draw(m).tolist())
+        if len(seen) == len(pool):
+            break
+    return np.fromiter(seen, dtype=np.int64, count=len(seen))
 
 
 def _lm_only_indices(sess: Session, micro_step: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from llmcli.config import apply_overrides, dump_config, load_config, validate_config
 from llmcli.errors import UserError
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -311,7 +311,7 @@ def test_swapping_a_component_by_name_hints_to_replace_the_whole_section():
     ({"data": {"augment": [{"name": "token_dropout", "q": 1}]}},  # an item of a list of unions: no one class to list
      "data.augment.0.q: unknown key (allowed here: see `llmcli schema`)"),
     ({"eval": {"checkpoint": "best", "foo": {"bar": 1}}},
-     "eval.foo: unknown key (allowed here: batch_size, checkpoint, max_examples)"),
+     "eval.foo: unknown key (allowed here: batch_size, checkpoint, max_examples, base_head_steps, base_head_lr)"),
 ])
 def test_an_unknown_key_lists_the_keys_of_the_section_it_sits_in(data, expected):
     with pytest.raises(UserError) as e:
@@ -337,3 +337,11 @@ def test_every_config_model_and_bound_is_importable_from_llmcli_config():
         for name in set(llmcli.config.__all__) & set(vars(module)):
             assert getattr(llmcli.config, name) is getattr(module, name), name  # one object, whichever path
     assert llmcli.config.experiment_model is assemble.experiment_model  # so cache_clear() reaches the cache in use
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    if path.name in {"minilm.yaml", "smollm2.yaml"}:  # the pretrained scenarios: the model's own tokenizer, LoRA
+        assert cfg.data.tokenizer.name == "pretrained" and cfg.data.tokenizer.path == cfg.model.path
+        assert (cfg.train.lora is not None) == (path.name == "smollm2.yaml")

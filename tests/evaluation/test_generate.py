@@ -337,3 +337,84 @@ def test_an_asked_best_checkpoint_the_run_lacks_is_an_error_not_last(tiny_run, t
     last = CliRunner().invoke(app, ["generate", str(run), "-p", "In", "-n", "4", "-t", "0", "--checkpoint", "last"])
     assert default.exit_code == 0 and default.stdout == last.stdout
     assert text(run, temperature=0, max_new_tokens=4) == text(run, temperature=0, max_new_tokens=4, checkpoint="last")
+
+
+# ---------------------------------------------------------------- a pretrained causal model (tests/hf_models.py)
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """Tiny GPT-2 and Llama folders with weights 10x transformers' init (std ~0.2): greedy text that varies, so
+    equal tokens mean something (at std 0.02 both models repeat one token)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_models import tiny_gpt2, tiny_llama
+
+    root = tmp_path_factory.mktemp("hf-generate")
+    out = {}
+    for name, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
+        path = build(root / name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(10)
+        model.save_pretrained(str(path))
+        out[name] = path
+    return out
+
+
+def _pretrained(path):
+    """llmcli's model of a causal folder and its own tokenizer, as a loaded run holds them."""
+    from types import SimpleNamespace
+
+    from llmcli.config import HFCausalConfig
+    from llmcli.data.tokenizers import from_model_dir
+    from llmcli.models.model import build_model
+
+    tok = from_model_dir(path)
+    model = build_model(HFCausalConfig(path=str(path)), vocab_size=tok.vocab_size, n_classes=3, max_len=48).eval()
+    return SimpleNamespace(model=model, tokenizer=tok)
+
+
+def _hf_greedy(path, tok, prompts, n):
+    """transformers' own generate (greedy, its KV cache) from llmcli's prompt ids, left-padded as it expects."""
+    import transformers
+
+    from llmcli.evaluation.generate import _prompt_ids
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+    ids = [_prompt_ids(tok, p, 128) for p in prompts]
+    width = max(len(i) for i in ids)
+    x = torch.tensor([[tok.pad_id] * (width - len(i)) + i for i in ids])  # (B, T) left-padded
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    out = ref.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                       pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
+    return out[:, width:].tolist()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_greedy_generation_on_a_pretrained_model_gives_transformers_generate_tokens(hf_folders, name):
+    from llmcli.evaluation.generate import Sampling, complete
+
+    t = _pretrained(hf_folders[name])
+    s = Sampling(max_new_tokens=30, min_new_tokens=30, temperature=0)
+    *_, rows = complete(t, ["In the beginning God created"], s)
+    (want,) = _hf_greedy(hf_folders[name], t.tokenizer, ["In the beginning God created"], 30)
+    assert rows[0].tokens == want and len(set(want)) > 5  # the same, varied tokens
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_prompts_of_different_lengths_share_one_left_padded_batch_on_a_pretrained_model(hf_folders, name):
+    from llmcli.evaluation.generate import Sampling, complete, takes_padding
+
+    t = _pretrained(hf_folders[name])
+    prompts = ["In the beginning God created the heaven", "And", "The LORD is my shepherd"]
+    s = Sampling(max_new_tokens=20, min_new_tokens=20, temperature=0)
+    assert takes_padding(t.model.backbone)
+    batches = []
+    for rows in complete(t, prompts, s):
+        if not batches or rows is not batches[-1]:
+            batches.append(rows)
+    assert len(batches) == 1  # one batch for all three prompts
+    alone = [[*complete(t, [p], s)][-1][0].tokens for p in prompts]
+    assert [c.tokens for c in batches[0]] == alone == _hf_greedy(hf_folders[name], t.tokenizer, prompts, 20)
