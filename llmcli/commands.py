@@ -48,13 +48,16 @@ def require_config_or_resume(command: str, folder: str, config: str | None, resu
 # ---------------------------------------------------------------- llmcli eval
 
 
-def check_eval_baseline(baseline: str | None, *, classifying: bool) -> None:
-    """`--baseline` names a known baseline, and goes with scoring a run (not with classifying --text / --file)."""
+def check_eval_baseline(baseline: str | None, *, classifying: bool, no_base: bool = False) -> None:
+    """`--baseline` names a known baseline; it and `--no-base` go with scoring a run (not with --text / --file)."""
     from llmcli.evaluation.baseline import check_name
 
     check_name(baseline)
     if baseline is not None and classifying:
         raise UserError("eval: --baseline scores a run's split beside the run; drop it with --text / --file")
+    if no_base and classifying:
+        raise UserError("eval: --no-base skips scoring a run's base model beside its split; --text / --file "
+                        "classify texts and score no base model: drop --no-base")
 
 
 # ---------------------------------------------------------------- llmcli train
@@ -166,6 +169,48 @@ def sweep_alpha(config: str | None, overrides: list[str], *, alphas: str | None,
     except SweepFailed as exc:
         typer.echo(f"error: {exc}", err=True)
         typer.echo(exc.sweep_dir)
+        raise typer.Exit(1) from None
+    except SweepInterrupted as exc:  # the resume command is on stderr already; the folder goes to stdout
+        typer.echo(exc.folder)
+        raise
+    typer.echo(out)
+
+
+# ---------------------------------------------------------------- llmcli sweep (the Optuna search)
+
+
+def check_search_flags(config: str | None, overrides: list[str], resume: str | None, params: list[str],
+                       objectives: list[str], changed: list[str]) -> None:
+    """A search starts from a CONFIG with --param / --objective, or continues one with --resume alone."""
+    require_config_or_resume("sweep", "SEARCH_DIR", config, resume)
+    if resume is not None and (config is not None or overrides or params or objectives or changed):
+        raise UserError("sweep: --resume finishes a search with its own space, objectives, sampler and config; drop "
+                        + ", ".join(["CONFIG"] * (config is not None) + ["--set"] * bool(overrides)
+                                    + ["--param"] * bool(params) + ["--objective"] * bool(objectives) + changed))
+
+
+def sweep(config: str | None, overrides: list[str], *, params: list[str], objectives: list[str], sampler: str,
+          pruner: str, trials: int | None, seed: int | None, workers: int | None, backend: str,
+          ray_address: str | None, resume: str | None, runs_dir: str, test_domains: str | None) -> None:
+    """`llmcli sweep`: the search folder on stdout, also when a trial failed (exit 1) or on a stop."""
+    from llmcli.experiments.search_space import require_optuna
+
+    require_optuna()  # before anything else: the one line that says how to get it
+    from llmcli.experiments.search import SearchFailed, search
+    from llmcli.experiments.sweep import SweepInterrupted
+
+    changed = [flag for flag, given in (("--sampler", sampler != "tpe"), ("--pruner", pruner != "none"),
+                                        ("--trials", trials is not None), ("--seed", seed is not None),
+                                        ("--test-domains", test_domains is not None)) if given]
+    check_search_flags(config, overrides, resume, params, objectives, changed)
+    cfg = config_from_flags(config, overrides, test_domains) if config else None
+    try:
+        out = search(cfg, params, objectives, sampler=sampler, pruner=pruner, trials=trials, seed=seed,
+                     workers=workers, backend=backend, ray_address=ray_address, resume=resume, runs_dir=runs_dir,
+                     log=log)
+    except SearchFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        typer.echo(exc.folder)
         raise typer.Exit(1) from None
     except SweepInterrupted as exc:  # the resume command is on stderr already; the folder goes to stdout
         typer.echo(exc.folder)

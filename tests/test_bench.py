@@ -38,7 +38,8 @@ def test_pretrained_bench_sets_llmcli_beside_transformers_on_a_tiny_gpt2(tmp_pat
 
     lines = _run("pretrained.py", "--model", str(tiny_gpt2(tmp_path / "gpt2")), "--steps", "1", "--warmup", "0",
                  "--batch", "2", "--len", "16", "--eval-records", "4", "--new-tokens", "6", "--repeats", "1",
-                 "--threads", "1", "--chapters", "1", "--inline")
+                 "--threads", "1", "--chapters", "1", "--parts", "train,eval,generate,prefix", "--prefix-top", "1",
+                 "--inline")
     got = {(x["bench"], x.get("side")) for x in lines}
     for part, sides in (("train", ("llmcli", "llmcli_alpha1", "llmcli_bf16", "transformers")),
                         ("eval", ("llmcli", "llmcli_bf16", "transformers")), ("generate", ("llmcli", "transformers"))):
@@ -49,3 +50,6 @@ def test_pretrained_bench_sets_llmcli_beside_transformers_on_a_tiny_gpt2(tmp_pat
     (ppl,) = [x for x in lines if x["bench"] == "pretrained_zero_shot_ppl"]
     assert ppl["rel_diff"] < 1e-5 and ppl["value"] > 1
     assert [x["value"] for x in lines if x["bench"] == "pretrained_generate_same_tokens"] == [1.0]
+    prefix = {x["side"]: x for x in lines if x["bench"] == "pretrained_prefix_tokens_per_s"}
+    assert prefix["prefix_cached"]["cache_records"] > 0 and "cache_records" not in prefix["prefix_off"]
+    assert prefix["prefix_cached"]["tokens"] == prefix["prefix_off"]["tokens"] == train["llmcli"]["tokens"]

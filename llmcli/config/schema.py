@@ -540,6 +540,17 @@ class TrainConfig(Strict):
         "whole model runs every step (docs/pretrained.md)")
     prefix_cache_dtype: Literal["fp32", "fp16"] = Field(
         "fp32", description="how the prefix cache stores states: fp32 (exact to float rounding) or fp16 (half the disk)")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="trackers that also receive every metrics.jsonl record (docs/tracking.md): "
+        "tensorboard (RUN/tb/), mlflow (MLFLOW_TRACKING_URI, else sqlite at the runs folder); none by default. "
+        "They never change the metrics, and one that fails is disabled with a warning, never stopping the run")
+
+    @field_validator("loggers")
+    @classmethod
+    def _unique_loggers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("name each logger at most once (allowed: tensorboard, mlflow)")
+        return v
 
     @field_validator("prefix_cache", mode="before")
     @classmethod

@@ -50,7 +50,10 @@ def evaluate(run_dir: str | Path, *, split: str = "test", checkpoint: str | None
     result = score_run(run_dir, split=split, checkpoint=checkpoint, data_config=data_config, log=log, prepare=prepare,
                        baseline=baseline, base=base)
     if write:
-        write_result(Path(run_dir), result, stem or eval_stem(split, data_config), plots=plots)
+        from llmcli.tracking import log_eval_artifacts
+
+        written = write_result(Path(run_dir), result, stem or eval_stem(split, data_config), plots=plots)
+        log_eval_artifacts(Path(run_dir), written, log)  # train.loggers has mlflow: to the run's MLflow run
     return result
 
 

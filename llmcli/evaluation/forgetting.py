@@ -69,7 +69,7 @@ def measure(t: Any, data: Any, scored: dict[str, np.ndarray], per_domain: dict[s
     if cached is None:
         log(f"eval: scoring the base model {record['path']} for the forgetting figures"
             + (f" (fitting its new MLM head first: {fit.steps} steps)" if fit else ""))
-        cached = base_figures(t, data, scored, task_loss, fit)
+        cached = base_figures(t, data, scored, task_loss, fit, log)
         write_cache(path, key, cached, log)
     rows = {d: compare(cached["figures"][d], per_domain[d]) for d in scored}
     return {
@@ -194,17 +194,35 @@ def fit_head(model: Any, fit: HeadFit) -> dict[str, float]:
 
 
 def base_figures(t: Any, data: Any, scored: dict[str, np.ndarray], task_loss: Any,
-                 fit: HeadFit | None) -> dict[str, Any]:
+                 fit: HeadFit | None, log: Any = print) -> dict[str, Any]:
     """The base model's LM figures (n, lm_loss, ppl, bpb) on each domain's scored records, by `metrics.score`."""
     from llmcli.evaluation.metrics import score
 
     model = build_base(t)
     fitted = fit_head(model, fit) if fit else None
+    prefix = base_prefix(model, t, data, log)
     figures = {}
     for d, idx in scored.items():
-        m = score(model, data, idx, t.cfg.eval.batch_size, task_loss)
+        m = score(model, data, idx, t.cfg.eval.batch_size, task_loss, prefix=prefix)
         figures[d] = {"n": m["n"], **{k: m[k] for k in LM_KEYS}}
     return {"figures": figures, "head_fit": fitted}
+
+
+def base_prefix(model: Any, t: Any, data: Any, log: Any = print) -> Any:
+    """The frozen-prefix cache the base model's figures read, or None (the whole base model runs).
+
+    With the run's train.freeze, the base's bottom blocks are the very tensors the run kept frozen (LoRA on the top
+    blocks, a fine-tune of the top ones), so the cache key, and the states the run's own eval just read, are the
+    same: the base model's figures then cost its top blocks only (SmolLM2, 24 of 30 frozen: the full base forward
+    over 5 x 600 test records was most of a sweep point's eval). A prefix the run changed (init_from) is another
+    key: computed once, as for any run. `train.prefix_cache: off` keeps the whole model running."""
+    if t.cfg.train.prefix_cache == "off":
+        return None
+    from llmcli.models.prefix_cache import open_cache
+
+    cache, _ = open_cache(model, t.cfg.train.freeze, data, storage=t.cfg.train.prefix_cache_dtype,
+                          batch_size=t.cfg.eval.batch_size, device=str(next(model.parameters()).device), log=log)
+    return cache
 
 
 # ---------------------------------------------------------------- the cache
@@ -235,6 +253,8 @@ def cache_key(t: Any, data: Any, scored: dict[str, np.ndarray], fit: HeadFit | N
         "token_bytes": hashlib.sha256(data.token_bytes.numpy().tobytes()).hexdigest(),  # bpb's denominators
         "eval_batch_size": int(t.cfg.eval.batch_size),
         "eval_max_examples": t.cfg.eval.max_examples,
+        # read through the prefix cache (base_prefix) or not: fp16 storage rounds the states
+        "prefix_cache": "off" if t.cfg.train.prefix_cache == "off" else t.cfg.train.prefix_cache_dtype,
         "scored": {d: _records_digest(data, idx) for d, idx in scored.items()},  # split, domains and cap, exactly
         "head_fit": None if fit is None else {**{k: v for k, v in fit.settings().items() if k != "trained"},
                                               "records_sha256": _records_digest(fit.data, fit.idx)},

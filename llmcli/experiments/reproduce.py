@@ -82,6 +82,8 @@ def reproduce(run_dir: str | Path, *, steps: int | None = None, atol: float = 0.
     if not (atol >= 0 and math.isfinite(atol)):
         raise UserError(f"--atol: must be a finite number >= 0, got {atol}")
     cfg = load_run_config(run_dir)
+    # the re-run is a check, not an experiment: it must not add a run to the user's MLflow store or TensorBoard
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loggers": []})})
     metrics = run_dir / "metrics.jsonl"
     recorded = [(lineno, rec) for lineno, _, rec in metric_lines(metrics)]  # numbered: a difference names its line
     meta = read_json_object(run_dir / "meta.json", "run meta")

@@ -32,10 +32,14 @@ from typing import Any
 
 from llmcli.errors import UserError
 from llmcli.experiments.sweep_exec import (
+    Job,
+    JobSource,
     SignalCounter,
     SweepInterrupted,
     check_ray,
+    job_threads,
     point_threads,
+    prepare_folder,
     raise_interrupted,
     run_local,
     run_point,
@@ -69,6 +73,7 @@ from llmcli.experiments.sweep_report import (
     write_results,
 )
 from llmcli.files import atomic_write_json, read_json_object
+from llmcli.tracking import sweep_parent
 
 # The public names of the sweep, wherever they live (the CLI, bench/ and tests import them from here).
 __all__ = ["COLUMNS", "MAX_POINTS", "VARIABLES", "SignalCounter", "SweepFailed", "SweepInterrupted", "aggregate",
@@ -100,6 +105,7 @@ def sweep_alpha(cfg: Any, alphas: list[float] | None = None, *, runs_dir: str | 
         state = new_state(cfg, alphas, betas, seeds, mode, compare)  # every check before the folder exists
         sweep_dir = create_run_dir(Path(runs_dir), cfg.name, prefix="sweep-")
         atomic_write_json(sweep_dir / "sweep.json", state)
+    sweep_parent(sweep_dir, cfg, log)  # train.loggers has mlflow: the parent run the points' runs nest under
     log(_starting_line(sweep_dir, state))
     signum = _run_points(cfg, state, sweep_dir, workers, backend, ray_address, progress, log)
     if signum is not None:
@@ -150,7 +156,28 @@ def _run_points(cfg: Any, state: dict[str, Any], sweep_dir: Path, workers: int |
     if not todo:
         return None
     runner = run_ray if backend == "ray" else run_local
-    return runner(cfg, state, sweep_dir, todo, workers or default_workers(len(todo)), log, ray_address)
+    return runner(PointSource(cfg, state, sweep_dir, todo, log), workers or default_workers(len(todo)), log, ray_address)
+
+
+class PointSource(JobSource):
+    """sweep-alpha's jobs: the points left, in grid order, each with its alpha (or beta), seed and threads."""
+
+    def __init__(self, cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[float, int]],
+                 log: Any) -> None:
+        super().__init__(sweep_dir, len(todo))
+        self.cfg, self.variable, self.todo, self.log = cfg, state["variable"], list(todo), log
+
+    def next_threads(self, planned: int) -> int | None:
+        if not self.todo:
+            return None
+        return job_threads(self.sweep_dir / point_name(self.variable, *self.todo[0]), planned)
+
+    def next_job(self, threads: int) -> Job:
+        value, seed = self.todo.pop(0)
+        name = point_name(self.variable, value, seed)
+        resume = prepare_folder(self.sweep_dir, name, self.log)
+        pcfg = point_config(self.cfg, self.variable, value, seed, threads).model_dump(mode="json")
+        return Job(name, pcfg, threads, resume)
 
 
 class SweepFailed(Exception):

@@ -18,7 +18,16 @@ import numpy as np
 
 from llmcli.errors import Interrupted, RunFailed, UserError, too_big
 from llmcli.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_json, read_json_object
-from llmcli.runs import create_run_dir, kept_metrics, load_run_config, new_meta, timestamp, truncate_metrics, update_meta
+from llmcli.runs import (
+    create_run_dir,
+    kept_metrics,
+    load_run_config,
+    meta_status,
+    new_meta,
+    timestamp,
+    truncate_metrics,
+    update_meta,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -310,6 +319,7 @@ class Loop:
         self.out = Progress(self.run_dir, tc.steps, st.step, self.log, self.progress)
         self.out.message(f"train: {self.run_dir} | {cfg.model.name} {meta_params(self.run_dir)} params | objective "
                          f"{cfg.objective.name} | {len(self.sess.train_idx)} training records | step {st.step}/{tc.steps}")
+        self.open_trackers()
         self.sess.model.train()
         try:
             with StopRequest() as stop:
@@ -335,7 +345,24 @@ class Loop:
             raise
         finally:
             self.out.close()
+            ended = meta_status(self.run_dir)
+            if ended != "running":  # stopped, interrupted or failed; finish() closes the trackers of a completed run
+                self.trackers.close(ended or "failed")
         return self.finish()
+
+    def open_trackers(self) -> None:
+        """train.loggers (TensorBoard, MLflow: llmcli/tracking), rank 0 only; one that fails is a warning line."""
+        from llmcli.tracking import open_trackers
+
+        names = self.tc.loggers if self.sess.dist.main else []
+        self.trackers = open_trackers(names, self.run_dir, self.sess.cfg, self.out.message,
+                                      resumed_at=self.state.step if self.resuming else None)
+        self.state.t_window = time.perf_counter()  # the first window's tokens/s measures training, not tracker start
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """One metrics.jsonl record, appended, then sent to every tracker."""
+        append_jsonl(self.metrics, rec)
+        self.trackers.log_metrics(rec)
 
     def fill_prefix(self) -> None:
         """Compute the frozen prefix of every record the run reads that is not cached yet (train.log shows it)."""
@@ -399,7 +426,7 @@ class Loop:
         if st.last_cos is not None:
             rec["grad_cosine"] = st.last_cos
         rec["tokens_per_s"] = st.tokens / dt if dt > 0 else 0.0
-        append_jsonl(self.metrics, rec)
+        self.record(rec)
         self.out.train_record(rec)
         st.window = {k: [] for k in st.window}
         st.last_cos, st.tokens, st.t_window = None, 0, time.perf_counter()
@@ -411,11 +438,11 @@ class Loop:
             return False
         records, value = self.sess.validate(st.step)
         for r in records:
-            append_jsonl(self.metrics, r)
+            self.record(r)
         here = tc.select_by in SELECTED_HERE  # else `best` is chosen after training, among the step checkpoints
         is_best = bool(value < st.best) and here
-        append_jsonl(self.metrics, {"step": st.step, "split": "val", "domain": "in_domain", "objective": value,
-                                    "best": is_best, "select_by": tc.select_by})
+        self.record({"step": st.step, "split": "val", "domain": "in_domain", "objective": value,
+                     "best": is_best, "select_by": tc.select_by})
         st.best = min(st.best, value)
         self.checkpoint(records, is_best, keep_step=not here)
         ind = [r for r in records if r["domain"] in self.sess.train_domains]
@@ -471,7 +498,9 @@ class Loop:
         if st.flaw:  # completed, but on weights that are no use
             self.out.message(f"train: warning: checkpoints/last.safetensors (step {st.last_ckpt}) {st.flaw}; "
                              "lower optim.lr")
-        curves_png(self.run_dir)  # train/val L and T per domain, grad_cosine: RUN_DIR/curves.png
+        curves = curves_png(self.run_dir)  # train/val L and T per domain, grad_cosine: RUN_DIR/curves.png
+        self.trackers.log_artifacts([curves] if curves else [])
+        self.trackers.close("completed")
         self.out.message(f"train: done, {self.run_dir}")
         return self.run_dir
 

@@ -101,6 +101,21 @@ def test_the_before_figures_are_metrics_score_of_the_freshly_loaded_base(runs, f
         assert (row["lm_loss_before"], row["ppl_before"], row["bpb_before"]) == (m["lm_loss"], m["ppl"], m["bpb"])
 
 
+def test_the_base_figures_read_the_runs_frozen_prefix_cache_where_the_run_has_one(runs):
+    from llmcli.data.dataset import ProcessedData
+    from llmcli.data.preprocess import preprocess
+    from llmcli.models.load import load_trained
+    from llmcli.models.prefix_cache import for_eval
+
+    quiet = lambda m: None  # noqa: E731
+    frozen, lm = load_trained(runs["frozen-gpt2"]), load_trained(runs["lm-gpt2"])
+    data = ProcessedData(preprocess(frozen.cfg.data, log=quiet))
+    run_cache = for_eval(frozen, data, quiet)
+    base_cache = forgetting.base_prefix(forgetting.build_base(frozen), frozen, data, quiet)
+    assert run_cache is not None and base_cache is not None and base_cache.root == run_cache.root  # the same states
+    assert forgetting.base_prefix(forgetting.build_base(lm), lm, data, quiet) is None  # nothing frozen: all runs
+
+
 def test_the_base_figures_are_cached_and_reused_and_a_changed_key_recomputes(runs, monkeypatch, own_cache):
     calls = []
     real = forgetting.base_figures
@@ -218,6 +233,8 @@ def test_the_eval_cli_prints_forgetting_and_skips_it_with_no_base(runs):
     res = CliRunner().invoke(app, ["eval", run, "--no-write", "--no-base"], env={"COLUMNS": "400"})
     assert res.exit_code == 0, res.output
     assert "ppl ratio" not in res.stdout and "ppl before" not in res.stdout and "kjv (in-domain)" in res.stdout
+    res = CliRunner().invoke(app, ["eval", run, "--no-base", "--text", "In the beginning"])
+    assert res.exit_code == 2 and "--no-base" in res.output and "--text" in res.output and "Traceback" not in res.output
 
 
 def test_the_sweep_report_carries_the_ppl_ratio_where_the_points_have_it(tmp_path):
