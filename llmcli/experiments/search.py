@@ -55,7 +55,7 @@ from llmcli.experiments.sweep_exec import (
     Job,
     JobSource,
     SweepInterrupted,
-    check_ray,
+    check_runner,
     job_threads,
     prepare_folder,
     record_outcome,
@@ -388,15 +388,6 @@ class SearchFailed(Exception):
                  if fail else []) + ([f"{len(cut)} trial(s) cut off ({', '.join(cut)}): --resume continues them"]
                                     if cut else [])
         super().__init__(f"search: {'; '.join(parts)}; llmcli sweep --resume {shlex.quote(str(folder))}")
-
-
-def check_runner(backend: str, workers: int | None) -> None:
-    if backend not in ("local", "ray"):
-        raise UserError(f"--backend: {backend!r} is not allowed (local or ray)")
-    if backend == "ray":
-        check_ray()
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers: must be >= 1, got {workers}")
 
 
 def search(cfg: Any, params: list[str] | None = None, objectives: list[str] | None = None, *, sampler: str = "tpe",

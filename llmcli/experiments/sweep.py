@@ -30,13 +30,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from llmcli.errors import UserError
 from llmcli.experiments.sweep_exec import (
     Job,
     JobSource,
     SignalCounter,
     SweepInterrupted,
-    check_ray,
+    check_runner,
     job_threads,
     point_threads,
     prepare_folder,
@@ -95,7 +94,7 @@ def sweep_alpha(cfg: Any, alphas: list[float] | None = None, *, runs_dir: str | 
     from llmcli.config import validate_config
     from llmcli.runs import create_run_dir
 
-    _check_runner(backend, workers)
+    check_runner(backend, workers)
     if resume is not None:
         sweep_dir = Path(resume)
         state = read_json_object(sweep_dir / "sweep.json", "sweep state (is this a sweep folder?)",
@@ -117,15 +116,6 @@ def sweep_alpha(cfg: Any, alphas: list[float] | None = None, *, runs_dir: str | 
     if failed:
         raise SweepFailed(sweep_dir, failed)
     return sweep_dir
-
-
-def _check_runner(backend: str, workers: int | None) -> None:
-    if backend not in ("local", "ray"):
-        raise UserError(f"--backend: {backend!r} is not allowed (local or ray)")
-    if backend == "ray":
-        check_ray()
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers: must be >= 1, got {workers}")
 
 
 def _starting_line(sweep_dir: Path, state: dict[str, Any]) -> str:

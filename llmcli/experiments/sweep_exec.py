@@ -345,6 +345,16 @@ def saved_threads(pdir: Path, default: int) -> int:
     return threads if isinstance(threads, int) and threads >= 1 else default
 
 
+def check_runner(backend: str, workers: int | None) -> None:
+    """--backend is local or ray (installed), --workers at least 1: checked before any folder exists."""
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend: {backend!r} is not allowed (local or ray)")
+    if backend == "ray":
+        check_ray()
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {workers}")
+
+
 def check_ray() -> None:
     try:
         import ray  # noqa: F401
