@@ -216,7 +216,7 @@ def test_ctrl_c_on_a_real_sweep_leaves_the_resume_command_and_resume_continues_t
     sweep_alpha(None, resume=sweep, progress=False, log=said.append)
     assert any(f"{name} was cut off mid-run; continuing it from its last checkpoint" in s for s in said)
     meta = json.loads((sweep / name / "meta.json").read_text())
-    assert meta["resumed_at_step"] >= 3 and meta["status"] == "completed" and not list(sweep.glob("*.attempt*"))
+    assert meta["resumed_at_step"] >= 3 and meta["status"] == "completed" and not list(sweep.glob(f"{name}.attempt*"))
     assert json.loads((sweep / name / "status.json").read_text())["resumed"] is True
     whole = train(load_run_config(sweep / name), run_dir=tmp_path / "whole", **QUIET)  # the same point, uncut
     assert metric_values(sweep / name) == metric_values(whole) and same_weights(sweep / name, whole)
@@ -251,7 +251,7 @@ def test_a_point_cut_during_its_evaluation_is_only_evaluated_again(tiny, tiny_ru
     stamp = (point / "checkpoints" / "last.safetensors").stat().st_mtime_ns
     sweep_alpha(None, resume=sweep, **QUIET)
     assert (point / "checkpoints" / "last.safetensors").stat().st_mtime_ns == stamp  # not retrained
-    assert (point / "eval" / "test.json").is_file() and not list(sweep.glob("*.attempt*"))
+    assert (point / "eval" / "test.json").is_file() and not list(sweep.glob(f"{name}.attempt*"))
     status = json.loads((point / "status.json").read_text())
     assert status["status"] == "completed" and status["resumed"] is True and status["wall_s"] >= 3.0
 
