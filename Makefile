@@ -39,8 +39,13 @@ demo: setup
 	$(LLMCLI) eval $$(tail -n 1 .last_run)
 	$(LLMCLI) generate $$(tail -n 1 .last_run) --prompt "In the beginning"
 
+# One pytest worker per core (pytest-xdist): the suite is ~900 small tests whose slow ones wait on subprocesses, so two
+# workers on two cores take 445 s where one took 625 s (measured idle, docs/design.md "Tests"). TEST_WORKERS=0 runs
+# them in this process.
+TEST_WORKERS ?= auto
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 bench: setup
 	$(PY) bench/run_all.py

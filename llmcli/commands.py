@@ -9,6 +9,7 @@ module costs no torch (`llmcli --help`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,22 +156,29 @@ def sweep_alpha(config: str | None, overrides: list[str], *, alphas: str | None,
                 ray_address: str | None, resume: str | None, runs_dir: str, progress: bool,
                 test_domains: str | None) -> None:
     """`llmcli sweep-alpha`: the sweep folder on stdout, also when a point failed (exit 1) or on a stop."""
-    from llmcli.experiments.sweep import SweepFailed, SweepInterrupted
     from llmcli.experiments.sweep import sweep_alpha as run
 
     require_config_or_resume("sweep-alpha", "SWEEP_DIR", config, resume)
     grid = parse_sweep_grid(alphas, betas, seeds)
     check_sweep_flags(config, overrides, resume, grid, workers, mode, test_domains)
     cfg = config_from_flags(config, overrides, test_domains) if config else None
+    folder_on_stdout(lambda: run(cfg, grid.alphas, betas=grid.betas, seeds=grid.seeds, workers=workers, mode=mode,
+                                 backend=backend, ray_address=ray_address, compare=compare, runs_dir=runs_dir,
+                                 resume=resume, progress=progress, log=log))
+
+
+def folder_on_stdout(start: Callable[[], Path]) -> None:
+    """Run a sweep or search and print its folder, also when some of its runs failed (exit 1) or on a stop (the
+    resume command is on stderr already)."""
+    from llmcli.experiments.sweep_exec import JobsFailed, SweepInterrupted
+
     try:
-        out = run(cfg, grid.alphas, betas=grid.betas, seeds=grid.seeds, workers=workers, mode=mode, backend=backend,
-                  ray_address=ray_address, compare=compare, runs_dir=runs_dir, resume=resume, progress=progress,
-                  log=log)
-    except SweepFailed as exc:
+        out = start()
+    except JobsFailed as exc:
         typer.echo(f"error: {exc}", err=True)
-        typer.echo(exc.sweep_dir)
+        typer.echo(exc.folder)
         raise typer.Exit(1) from None
-    except SweepInterrupted as exc:  # the resume command is on stderr already; the folder goes to stdout
+    except SweepInterrupted as exc:
         typer.echo(exc.folder)
         raise
     typer.echo(out)
@@ -196,23 +204,13 @@ def sweep(config: str | None, overrides: list[str], *, params: list[str], object
     from llmcli.experiments.search_space import require_optuna
 
     require_optuna()  # before anything else: the one line that says how to get it
-    from llmcli.experiments.search import SearchFailed, search
-    from llmcli.experiments.sweep import SweepInterrupted
+    from llmcli.experiments.search import search
 
     changed = [flag for flag, given in (("--sampler", sampler != "tpe"), ("--pruner", pruner != "none"),
                                         ("--trials", trials is not None), ("--seed", seed is not None),
                                         ("--test-domains", test_domains is not None)) if given]
     check_search_flags(config, overrides, resume, params, objectives, changed)
     cfg = config_from_flags(config, overrides, test_domains) if config else None
-    try:
-        out = search(cfg, params, objectives, sampler=sampler, pruner=pruner, trials=trials, seed=seed,
-                     workers=workers, backend=backend, ray_address=ray_address, resume=resume, runs_dir=runs_dir,
-                     log=log)
-    except SearchFailed as exc:
-        typer.echo(f"error: {exc}", err=True)
-        typer.echo(exc.folder)
-        raise typer.Exit(1) from None
-    except SweepInterrupted as exc:  # the resume command is on stderr already; the folder goes to stdout
-        typer.echo(exc.folder)
-        raise
-    typer.echo(out)
+    folder_on_stdout(lambda: search(cfg, params, objectives, sampler=sampler, pruner=pruner, trials=trials, seed=seed,
+                                    workers=workers, backend=backend, ray_address=ray_address, resume=resume,
+                                    runs_dir=runs_dir, log=log))

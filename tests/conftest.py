@@ -85,3 +85,16 @@ def read_only_tree(root: Path):
     finally:
         for d in dirs:
             d.chmod(0o755)
+
+
+def wait_for(predicate, timeout: float = 300):
+    """Poll `predicate` every 0.1 s until it gives something truthy, and return that; fail after `timeout` s."""
+    import time
+
+    t = time.time()
+    while time.time() - t < timeout:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s")

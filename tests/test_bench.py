@@ -53,3 +53,16 @@ def test_pretrained_bench_sets_llmcli_beside_transformers_on_a_tiny_gpt2(tmp_pat
     prefix = {x["side"]: x for x in lines if x["bench"] == "pretrained_prefix_tokens_per_s"}
     assert prefix["prefix_cached"]["cache_records"] > 0 and "cache_records" not in prefix["prefix_off"]
     assert prefix["prefix_cached"]["tokens"] == prefix["prefix_off"]["tokens"] == train["llmcli"]["tokens"]
+
+
+def test_search_bench_sets_the_search_beside_plain_commands_and_times_the_trackers():
+    pytest.importorskip("optuna")
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    lines = _run("search.py", "--trials", "1", "--steps", "2", "--threads", "1", "--repeats", "1")
+    got = {x["bench"]: x for x in lines}
+    assert list(got) == ["search_wall_per_trial", "search_trial_own_wall", "search_share_per_trial", "plain_train_wall",
+                         "plain_train_eval_wall", "search_vs_plain_train_eval", "trackers_ms_per_step"]
+    assert all(got[k]["value"] > 0 for k in ("search_wall_per_trial", "search_trial_own_wall", "plain_train_wall"))
+    assert got["plain_train_eval_wall"]["value"] > got["plain_train_wall"]["value"]  # two evals more
+    assert got["trackers_ms_per_step"]["steps"] == 2

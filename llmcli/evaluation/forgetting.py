@@ -71,10 +71,18 @@ def measure(t: Any, data: Any, scored: dict[str, np.ndarray], per_domain: dict[s
             + (f" (fitting its new MLM head first: {fit.steps} steps)" if fit else ""))
         cached = base_figures(t, data, scored, task_loss, fit, log)
         write_cache(path, key, cached, log)
-    rows = {d: compare(cached["figures"][d], per_domain[d]) for d in scored}
+    after, refit = per_domain, None
+    if fit is not None and head_untrained(t.cfg):
+        log(f"eval: the run never trained its new MLM head ({head_untrained(t.cfg)}): its 'after' LM figures are its "
+            f"fine-tuned encoder with the same head fit as 'before' ({fit.steps} steps)")
+        after, refit = refit_figures(t, data, scored, task_loss, fit, log)
+    rows = {d: compare(cached["figures"][d], after[d]) for d in scored}
     return {
         "before": FITTED_HEAD if fit else ZERO_SHOT,
-        "how": describe(record, fit),
+        "after": FITTED_HEAD if refit is not None else "as trained",
+        "how": describe(record, fit) + ("; after: the run's encoder, frozen, with its MLM head fitted the same way "
+                                        "(the run never trained it)" if refit is not None else ""),
+        **({"after_head_fit": refit} if refit is not None else {}),
         "base_model": record,
         **({"head_fit": {**fit.settings(), **(cached["head_fit"] or {})}} if fit else {}),
         "lm": t.model.lm_kind(),
@@ -143,6 +151,38 @@ def head_fit(t: Any, data: Any, data_config: str | Path | None, log: Any) -> Hea
         raise UserError(f"eval.base_head_steps: the run's train split ({', '.join(domains)}) has no records to fit "
                         "the base model's new MLM head on")
     return HeadFit(cfg.eval.base_head_steps, cfg.eval.base_head_lr, cfg.train.batch_size, cfg.seed, domains, data, idx)
+
+
+def head_untrained(cfg: Any) -> str | None:
+    """Why a run never trained its LM head (None if it did): L had no weight, or the head was frozen. An encoder
+    whose head was new at load then still has a random head, so its own LM figures say nothing of forgetting."""
+    if cfg.objective.name == "weighted" and cfg.objective.alpha == 0:
+        return "objective.alpha = 0"
+    if "lm_head" in cfg.train.freeze:
+        return "train.freeze names lm_head"
+    return None
+
+
+def refit_figures(t: Any, data: Any, scored: dict[str, np.ndarray], task_loss: Any,
+                  fit: HeadFit, log: Any = print) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """The run's LM figures with its MLM head fitted as the base's was, from the base's own fresh head (on a copy: the
+    loaded run is untouched); the tied decoder is the run's word embeddings, as in the run."""
+    import copy
+
+    import torch
+
+    from llmcli.evaluation.metrics import score
+
+    model = copy.deepcopy(t.model).eval()
+    tied = model.backbone.embed.weight
+    with torch.no_grad():  # same start as the base's fit: AdamW's decay moved the unused head a little
+        for mine, base in zip(model.lm_head.parameters(), build_base(t).lm_head.parameters()):
+            if mine is not tied:
+                mine.copy_(base)
+    fitted = fit_head(model, fit)
+    prefix = base_prefix(model, t, data, log)
+    figures = {d: score(model, data, idx, t.cfg.eval.batch_size, task_loss, prefix=prefix) for d, idx in scored.items()}
+    return figures, fitted
 
 
 def build_base(t: Any) -> Any:

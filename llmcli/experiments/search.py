@@ -53,6 +53,7 @@ from llmcli.experiments.search_space import (
 )
 from llmcli.experiments.sweep_exec import (
     Job,
+    JobsFailed,
     JobSource,
     SweepInterrupted,
     check_runner,
@@ -377,17 +378,16 @@ class TrialSource(JobSource):
 # ---------------------------------------------------------------- the orchestrator
 
 
-class SearchFailed(Exception):
+class SearchFailed(JobsFailed):
     """Some trials failed or were cut off; the others ended and the report is written."""
 
     def __init__(self, folder: Path, bad: dict[int, str]) -> None:
-        self.folder = folder
         fail = [trial_name(n) for n, s in bad.items() if s == "FAIL"]
         cut = [trial_name(n) for n, s in bad.items() if s == "RUNNING"]
         parts = ([f"{len(fail)} trial(s) failed ({', '.join(fail)}): --resume re-runs them with the same parameters"]
                  if fail else []) + ([f"{len(cut)} trial(s) cut off ({', '.join(cut)}): --resume continues them"]
                                     if cut else [])
-        super().__init__(f"search: {'; '.join(parts)}; llmcli sweep --resume {shlex.quote(str(folder))}")
+        super().__init__(folder, f"search: {'; '.join(parts)}; llmcli sweep --resume {shlex.quote(str(folder))}")
 
 
 def search(cfg: Any, params: list[str] | None = None, objectives: list[str] | None = None, *, sampler: str = "tpe",

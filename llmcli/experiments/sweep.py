@@ -32,6 +32,7 @@ from typing import Any
 
 from llmcli.experiments.sweep_exec import (
     Job,
+    JobsFailed,
     JobSource,
     SignalCounter,
     SweepInterrupted,
@@ -170,13 +171,12 @@ class PointSource(JobSource):
         return Job(name, pcfg, threads, resume)
 
 
-class SweepFailed(Exception):
+class SweepFailed(JobsFailed):
     """Some points failed; the others completed and the results are written."""
 
     def __init__(self, sweep_dir: Path, failed: list[dict[str, Any]]) -> None:
-        self.sweep_dir = sweep_dir
         lines = "; ".join(f"{r['run']}: {r['error']}" for r in failed)
-        super().__init__(f"sweep: {len(failed)} point(s) failed ({lines}); re-run them with --resume {sweep_dir}")
+        super().__init__(sweep_dir, f"sweep: {len(failed)} point(s) failed ({lines}); re-run them with --resume {sweep_dir}")
 
 
 def _interrupted(sweep_dir: Path, signum: int, log: Any) -> SweepInterrupted:

@@ -59,6 +59,14 @@ class SignalCounter:
             self.then(signum)
 
 
+class JobsFailed(Exception):
+    """Some runs of a sweep or search failed; the others ended and the report is written; `folder` resumes it."""
+
+    def __init__(self, folder: Path, message: str) -> None:
+        super().__init__(message)
+        self.folder = folder
+
+
 class SweepInterrupted(Interrupted):
     """SIGINT / SIGTERM stopped a sweep (or a --loo table): every cut run kept a checkpoint; `folder` resumes it."""
 

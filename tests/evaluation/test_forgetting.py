@@ -199,6 +199,24 @@ def test_an_encoder_without_an_lm_head_has_its_head_fitted_first_and_says_so(run
     assert again["cache"]["hit"] and again["domains"] == f["domains"] and again["head_fit"] == f["head_fit"]
 
 
+def test_an_encoder_run_that_never_trained_its_new_head_is_scored_after_the_same_head_fit(runs, tiny, folders,
+                                                                                         tmp_path):
+    # frozen encoder, alpha 0: the new MLM head is never trained, so the run's own LM figures are a random head's;
+    # "after" fits it as "before" was, from the same start: the same encoder gives the same figures, ratio 1
+    probe = train(tiny(*sets(folders, "bert_bare", "train.steps=2", "eval.base_head_steps=40", "eval.base_head_lr=0.01",
+                             f"data.tokenizer.path='{folders['bert']}'", "objective.alpha=0",
+                             "train.freeze=[backbone]")), runs_dir=tmp_path, **QUIET)
+    result = evaluate(probe, **EVAL)
+    f = result["forgetting"]
+    assert f["before"] == f["after"] == "fitted head" and "the run never trained it" in f["how"]
+    assert f["after_head_fit"] == {k: f["head_fit"][k] for k in ("first_loss", "last_loss")}
+    for d, row in f["domains"].items():
+        assert row["ppl_ratio"] == pytest.approx(1.0, abs=1e-6), d
+        assert result["domains"][d]["ppl"] > row["ppl_after"]  # the run's own (random) head is worse
+    trained = evaluate(runs["bare"], **EVAL)["forgetting"]  # alpha 0.5 trained its head: scored as it is
+    assert trained["after"] == "as trained" and "after_head_fit" not in trained
+
+
 def test_a_from_scratch_run_and_no_base_have_no_forgetting(tiny_run, runs):
     assert "forgetting" not in evaluate(tiny_run, **EVAL)
     assert "forgetting" not in score_run(runs["frozen-gpt2"], base=False, log=lambda m: None)

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ optuna = pytest.importorskip("optuna", reason="llmcli sweep needs optuna: pip in
 from llmcli.cli import app  # noqa: E402
 from llmcli.experiments.search import search  # noqa: E402
 from llmcli.experiments.search_space import parse_param, scalar, yaml_text  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
+from tests.conftest import TINY, wait_for  # noqa: E402
 
 # a trial of a few seconds: 6 steps, validation every 3 (two pruning reports), small validation and eval sets
 FAST = ("train.steps=6", "train.eval_every=3", "train.log_every=3", "train.val_max_examples=16",
@@ -35,14 +34,6 @@ def rows(folder):
         return list(csv.DictReader(f))
 
 
-def _wait_for(predicate, timeout=300):
-    t = time.time()
-    while time.time() - t < timeout:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def _completed(folder):
@@ -68,8 +59,8 @@ def test_a_killed_nsga2_search_resumes_with_exactly_the_missing_trials(tmp_path,
            "--sampler", "nsga2", "--trials", "6", "--workers", "2", "--runs-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        folder = _wait_for(lambda: next(iter(tmp_path.glob("search-*")), None))
-        first = _wait_for(lambda: len(_completed(folder)) >= 2 and _completed(folder))
+        folder = wait_for(lambda: next(iter(tmp_path.glob("search-*")), None))
+        first = wait_for(lambda: len(_completed(folder)) >= 2 and _completed(folder))
         os.killpg(proc.pid, signal.SIGKILL)  # the search and its whole process group, mid-trial
         cut = [p.name for p in folder.glob("trial-*") if p not in first and (p / "checkpoints" / "last.json").is_file()]
     finally:

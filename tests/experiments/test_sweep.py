@@ -27,7 +27,7 @@ from llmcli.experiments.sweep import (
     sweep_alpha,
     thread_plan,
 )
-from tests.conftest import TINY
+from tests.conftest import TINY, wait_for
 
 QUIET = {"progress": False, "log": lambda m: None}
 FAST = ("train.steps=10", "train.eval_every=10", "train.log_every=5")
@@ -83,7 +83,7 @@ def test_diverging_points_fail_with_their_error_and_the_sweep_reports_them(tiny,
     cfg = tiny(*FAST, "optim.name=sgd", "optim.lr=1e12", "train.grad_clip=null")
     with pytest.raises(SweepFailed) as e:
         sweep_alpha(cfg, [0.5], runs_dir=tmp_path, workers=1, **QUIET)
-    table = rows(e.value.sweep_dir)
+    table = rows(e.value.folder)
     assert table[0]["status"] == "failed" and "NaN" in table[0]["error"]
     assert "failed" in str(e.value) and "--resume" in str(e.value)
 
@@ -95,25 +95,15 @@ def _spawn_sweep(tmp_path, processed_dir, *extra, session=False):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=session)
 
 
-def _wait_for(predicate, timeout=120):
-    t = time.time()
-    while time.time() - t < timeout:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def _sweep_dir(tmp_path):
-    return _wait_for(lambda: next(iter(tmp_path.glob("sweep-*")), None))
+    return wait_for(lambda: next(iter(tmp_path.glob("sweep-*")), None))
 
 
 def test_killed_worker_fails_its_point_only_and_resume_reruns_just_that_point(tmp_path, processed_dir):
     proc = _spawn_sweep(tmp_path, processed_dir, "--alphas", "0,0.5,1", "--workers", "1")
     sweep = _sweep_dir(tmp_path)
     meta = sweep / point_name("alpha", 0.5, 0) / "meta.json"
-    pid = _wait_for(lambda: meta.is_file() and json.loads(meta.read_text()).get("pid"))
+    pid = wait_for(lambda: meta.is_file() and json.loads(meta.read_text()).get("pid"))
     os.kill(pid, signal.SIGKILL)  # the worker of the second point dies (as under the OOM killer)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 1 and "1 point(s) failed" in err
@@ -136,7 +126,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_points(tmp_path, pro
     proc = _spawn_sweep(tmp_path, processed_dir, "--alphas", "0,1", "--workers", "1")
     sweep = _sweep_dir(tmp_path)
     status = sweep / point_name("alpha", 0.0, 0) / "status.json"
-    _wait_for(lambda: status.is_file())
+    wait_for(lambda: status.is_file())
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     first_ckpt = sweep / point_name("alpha", 0.0, 0) / "checkpoints" / "last.safetensors"
@@ -204,7 +194,7 @@ def test_ctrl_c_on_a_real_sweep_leaves_the_resume_command_and_resume_continues_t
     proc = _spawn_sweep(tmp_path, processed_dir, *CUT, session=True)
     sweep = _sweep_dir(tmp_path)
     name = point_name("alpha", 0.5, 0)
-    _wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
+    wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the sweep's whole process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -226,7 +216,7 @@ def test_sigterm_to_the_sweep_alone_is_passed_on_to_its_workers(tmp_path, proces
     proc = _spawn_sweep(tmp_path, processed_dir, *CUT, session=True)
     sweep = _sweep_dir(tmp_path)
     name = point_name("alpha", 0.5, 0)
-    _wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
+    wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
     proc.send_signal(signal.SIGTERM)  # the parent only (as `kill PID` or a scheduler does), not its group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
