@@ -153,6 +153,24 @@ def test_a_pruned_trial_is_recorded_pruned_not_failed_and_never_rerun(tiny, tmp_
     assert any("2 finished, 0 to continue, 0 new" in s for s in again) and len(_load(folder).trials) == 2
 
 
+def test_the_ray_backend_runs_the_trials_and_resumes_like_local_workers(tiny, tmp_path):
+    pytest.importorskip("ray", reason="the Ray backend needs ray: pip install 'llmcli[ray]'")
+    import ray
+
+    try:
+        folder = search(tiny(*FAST), ["optim.lr=grid:0.001,0.003"], ["kjv.lm_loss:min"], sampler="grid",
+                        backend="ray", workers=2, runs_dir=tmp_path, **QUIET)
+        assert [r["state"] for r in rows(folder)] == ["COMPLETE", "COMPLETE"]
+        assert all(t.state.name == "COMPLETE" for t in _load(folder).trials)
+        stamp = (folder / "trial-0000" / "status.json").stat().st_mtime_ns
+        said = []
+        search(None, resume=folder, backend="ray", log=said.append)  # nothing left to run
+        assert (folder / "trial-0000" / "status.json").stat().st_mtime_ns == stamp
+        assert any("2 finished, 0 to continue, 0 new" in s for s in said)
+    finally:
+        ray.shutdown()
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing created
 
 
