@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 resolves to the CPU wheel here.
 TORCH  := torch==2.13.0
 
-.PHONY: setup setup-pretrained setup-search setup-track demo test bench lint clean
+.PHONY: setup setup-pretrained setup-search setup-track setup-ray demo test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ setup-search: setup
 
 setup-track: setup
 	$(PY) -m pip install --quiet -e ".[dev,track]" $(TORCH)
+
+# `--backend ray` of sweep-alpha and sweep (docs/sweeps.md); its tests are skipped without it (CI does not install it).
+setup-ray: setup
+	$(PY) -m pip install --quiet -e ".[dev,ray]" $(TORCH)
 
 demo: setup
 	$(LLMCLI) preprocess $(CONFIG)

@@ -98,3 +98,16 @@ def wait_for(predicate, timeout: float = 300):
             return found
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+def checkpoint_at(root: Path, pattern: str, step: int) -> Path | None:
+    """The first checkpoint sidecar under `root` matching the glob whose step is >= `step`, else None."""
+    import json
+
+    for f in root.glob(pattern):
+        try:
+            if json.loads(f.read_text())["step"] >= step:
+                return f
+        except (OSError, ValueError, KeyError):
+            pass
+    return None

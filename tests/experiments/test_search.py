@@ -21,7 +21,7 @@ optuna = pytest.importorskip("optuna", reason="llmcli sweep needs optuna: pip in
 from llmcli.cli import app  # noqa: E402
 from llmcli.experiments.search import search  # noqa: E402
 from llmcli.experiments.search_space import parse_param, scalar, yaml_text  # noqa: E402
-from tests.conftest import TINY, wait_for  # noqa: E402
+from tests.conftest import TINY, checkpoint_at, wait_for  # noqa: E402
 
 # a trial of a few seconds: 6 steps, validation every 3 (two pruning reports), small validation and eval sets
 FAST = ("train.steps=6", "train.eval_every=3", "train.log_every=3", "train.val_max_examples=16",
@@ -92,6 +92,34 @@ def test_a_killed_nsga2_search_resumes_with_exactly_the_missing_trials(tmp_path,
     for name in cut:  # a trial cut after its first checkpoint continued from it (exact resume)
         assert any(f"{name} was cut off mid-run; continuing it" in s for s in said), said
         assert json.loads((folder / name / "meta.json").read_text())["resumed_at_step"] >= 3
+
+
+def test_ctrl_c_on_a_search_exits_130_with_the_resume_line_and_resume_continues_the_cut_trials(tmp_path, processed_dir):
+    cmd = [sys.executable, "-m", "llmcli", "sweep", str(TINY), "--set", f"data.processed_dir={processed_dir}",
+           *[a for f in ("train.steps=30", "train.eval_every=30", "train.checkpoint_every=3", "train.val_max_examples=16",
+                         "eval.max_examples=16") for a in ("--set", f)],
+           "--param", "optim.lr=grid:0.001,0.003", "--objective", "kjv.lm_loss:min", "--sampler", "grid",
+           "--workers", "2", "--runs-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        folder = wait_for(lambda: next(iter(tmp_path.glob("search-*")), None))
+        wait_for(lambda: checkpoint_at(folder, "trial-*/checkpoints/last.json", 3))
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the search's whole process group
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"llmcli sweep --resume {folder}" in err and out.strip() == str(folder)
+    cut = [t.number for t in _load(folder).trials if t.state.name == "RUNNING"]
+    assert cut  # stopped from outside: RUNNING in the study, never FAIL
+    said = []
+    search(None, resume=folder, log=said.append)
+    assert [t.state.name for t in _load(folder).trials] == ["COMPLETE", "COMPLETE"]
+    for n in cut:
+        meta = json.loads((folder / f"trial-{n:04d}" / "meta.json").read_text())
+        resumed = any(f"trial-{n:04d} was cut off mid-run; continuing it" in s for s in said)
+        assert meta["status"] == "completed" and (not resumed or meta["resumed_at_step"] >= 1)  # its stop checkpoint
+    assert any("was cut off mid-run; continuing it" in s for s in said), said
 
 
 def _same_records(a, b):

@@ -27,7 +27,7 @@ from llmcli.experiments.sweep import (
     sweep_alpha,
     thread_plan,
 )
-from tests.conftest import TINY, wait_for
+from tests.conftest import TINY, checkpoint_at, wait_for
 
 QUIET = {"progress": False, "log": lambda m: None}
 FAST = ("train.steps=10", "train.eval_every=10", "train.log_every=5")
@@ -167,17 +167,6 @@ def test_a_point_cut_off_mid_run_continues_from_its_checkpoint_and_ends_as_if_un
     assert [r["status"] for r in rows(cut)] == ["completed"] and not list(cut.glob("*.attempt*"))
 
 
-def _checkpoint_at(pattern_root, pattern, step):
-    """The first file matching the glob whose checkpoint sidecar says step >= `step`, else None."""
-    for f in pattern_root.glob(pattern):
-        try:
-            if json.loads(f.read_text())["step"] >= step:
-                return f
-        except (OSError, ValueError, KeyError):
-            pass
-    return None
-
-
 # Long enough that a signal lands mid-run; a checkpoint every 3 steps, so the cut point has one past step 0.
 # Two points on two workers: one thread each (on two threads, torch's CPU kernels differ run to run in the last
 # bits now and then, docs/reliability.md, and the test compares the cut point with a separately trained one).
@@ -194,7 +183,7 @@ def test_ctrl_c_on_a_real_sweep_leaves_the_resume_command_and_resume_continues_t
     proc = _spawn_sweep(tmp_path, processed_dir, *CUT, session=True)
     sweep = _sweep_dir(tmp_path)
     name = point_name("alpha", 0.5, 0)
-    wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
+    wait_for(lambda: checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the sweep's whole process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -216,7 +205,7 @@ def test_sigterm_to_the_sweep_alone_is_passed_on_to_its_workers(tmp_path, proces
     proc = _spawn_sweep(tmp_path, processed_dir, *CUT, session=True)
     sweep = _sweep_dir(tmp_path)
     name = point_name("alpha", 0.5, 0)
-    wait_for(lambda: _checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
+    wait_for(lambda: checkpoint_at(sweep, f"{name}/checkpoints/last.json", 3))
     proc.send_signal(signal.SIGTERM)  # the parent only (as `kill PID` or a scheduler does), not its group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -267,7 +256,7 @@ def test_an_interrupted_conditioned_run_continues_from_its_checkpoint(tiny, tmp_
     from llmcli.experiments.sweep import SweepInterrupted
 
     cfg = tiny("train.steps=30", "train.eval_every=30", "train.checkpoint_every=3")
-    done = _signal_self_when(lambda: _checkpoint_at(tmp_path, "sweep-*/conditioned/checkpoints/last.json", 3),
+    done = _signal_self_when(lambda: checkpoint_at(tmp_path, "sweep-*/conditioned/checkpoints/last.json", 3),
                              signal.SIGTERM)
     said = []
     try:
