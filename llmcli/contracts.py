@@ -206,6 +206,12 @@ class Objective(ABC):
     def score(self, lm_loss: float, task_loss: float) -> float:
         """The objective's value on held-out losses (lower is better): picks the `best` checkpoint."""
 
+    def grads_needed(self, step: int) -> tuple[bool, bool]:
+        """Whether this micro-batch's update needs the gradient of L and of T (both by default). An objective that
+        gives one of them zero weight at this step says so: the engine then computes that loss without a graph
+        (logged, never backpropagated), so a weight nothing reaches gets no gradient (None, not zeros)."""
+        return True, True
+
     def parameters(self) -> list[nn.Parameter]:
         """The objective's own trainable tensors, added to the optimiser's no-decay group (none by default)."""
         return []

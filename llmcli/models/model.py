@@ -137,19 +137,24 @@ class TwoHeadModel(nn.Module):
             row_weight = torch.full(targets.shape, 1.0 / max(len(targets), 1), device=rows.device)
         return fused_nll(rows, weight, bias, targets, row_weight)
 
-    def losses(self, batch: Batch, task_loss: TaskLoss, step: int | None = None,
-               prefix: Prefix | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, batch: Batch, task_loss: TaskLoss, step: int | None = None, prefix: Prefix | None = None,
+               grads: tuple[bool, bool] = (True, True)) -> dict[str, torch.Tensor]:
         """Mean LM loss over real target tokens, and the task loss over labeled rows; `step` (training) draws an
-        encoder's masks; `prefix`: the batch's cached frozen-prefix states (an encoder's masked input runs whole)."""
-        h = self(batch.tokens, batch.lengths, prefix)  # (B, T, D); an encoder's from the unmasked input
-        features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
-        logits = self.cls_head(features)  # (B, C)
-        return {
-            "lm_loss": self.lm_loss(h, batch.tokens, batch.lengths, step),
-            "task_loss": task_loss(logits, batch.labels),
-            "logits": logits,
-            "features": features,
-        }
+        encoder's masks; `prefix`: the batch's cached frozen-prefix states (an encoder's masked input runs whole);
+        `grads`: whether L and T need a graph (`Objective.grads_needed`): one the update gives zero weight is
+        computed for the logs only, without a graph and so without its backward."""
+        lm_grad, task_grad = grads
+        on = torch.is_grad_enabled()
+        # a causal LM's L reads the same states as T; an encoder's L runs its own forward of the masked input
+        with torch.set_grad_enabled(on and (task_grad or (lm_grad and self.backbone.causal()))):
+            h = self(batch.tokens, batch.lengths, prefix)  # (B, T, D); an encoder's from the unmasked input
+        with torch.set_grad_enabled(on and task_grad):
+            features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
+            logits = self.cls_head(features)  # (B, C)
+            task = task_loss(logits, batch.labels)
+        with torch.set_grad_enabled(on and lm_grad):
+            lm = self.lm_loss(h, batch.tokens, batch.lengths, step)
+        return {"lm_loss": lm, "task_loss": task, "logits": logits, "features": features}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Weights both losses flow through (the backbone, tied embedding included)."""

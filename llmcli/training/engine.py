@@ -622,11 +622,13 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
 
             batch = augment_batch(batch, cfg.data.augment, cfg.seed, step * k + j, sess.data.pad_id)
         sess.objective.prepare(sess.model, step)  # e.g. the conditioned objective draws this batch's alpha
+        # a loss the update gives zero weight runs without a graph (a DG method reads features and losses itself)
+        grads = sess.objective.grads_needed(step) if cfg.dg.name == "erm" else (True, True)
         batch = _to(batch, sess.device)
         with autocast(sess.device):  # bf16 on CUDA; a no-op on CPU
             # step: an encoder's masks; prefix: the records' cached frozen-prefix states (None: the whole model runs)
-            out = sess.model.losses(batch, sess.task_loss, step=step * k + j, prefix=prefix)
-        lm_loss, lm_logs, lm_tokens = _lm_only_loss(sess, step * k + j, batch, out)  # L over both streams
+            out = sess.model.losses(batch, sess.task_loss, step=step * k + j, prefix=prefix, grads=grads)
+        lm_loss, lm_logs, lm_tokens = _lm_only_loss(sess, step * k + j, batch, out, grads)  # L over both streams
         # the DG method forms T from per-domain losses and features; metrics keep the plain pooled task_loss
         dg_task, dg_logs = sess.dg.task_loss(sess.model, batch, out, sess.task_loss, step)
         micro = {**sess.objective.backward(lm_loss, dg_task, shared, step), **dg_logs, **lm_logs}
@@ -647,8 +649,8 @@ def _accumulate(sess: Session, step: int, shared: list) -> tuple[float, float, d
     return _reduce_ranks(sess, float(np.mean(lms)), float(np.mean(tasks)), means, n_tokens)
 
 
-def _lm_only_loss(sess: Session, micro_step: int, batch: Batch,
-                  out: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
+def _lm_only_loss(sess: Session, micro_step: int, batch: Batch, out: dict[str, Tensor],
+                  grads: tuple[bool, bool] = (True, True)) -> tuple[Tensor, dict[str, float], int]:
     """L of one micro-batch over its labeled rows and its LM-only rows; its logs; the LM-only tokens.
 
     L is the two streams' mean losses weighted by their real target tokens (for a causal LM: the mean over every
@@ -671,7 +673,8 @@ def _lm_only_loss(sess: Session, micro_step: int, batch: Batch,
         torch.manual_seed(stream_seed(sess.cfg.seed, "lm_only", micro_step))
         with autocast(sess.device):
             # its labels are all -1: T is a graph-keeping zero; the step draws an encoder's masks
-            lm_out = sess.model.losses(extra, sess.task_loss, step=micro_step, prefix=sess.prefix_states(idx))
+            lm_out = sess.model.losses(extra, sess.task_loss, step=micro_step, prefix=sess.prefix_states(idx),
+                                       grads=grads)
     out["lm_only_features"], out["lm_only_domains"] = lm_out["features"], extra.domains
     n_lab, n_lm = (batch.lengths - 1).clamp(min=0).sum(), (extra.lengths - 1).clamp(min=0).sum()
     w = n_lm / (n_lab + n_lm).clamp(min=1)  # the LM-only rows' share of the real target tokens

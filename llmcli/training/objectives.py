@@ -70,6 +70,12 @@ class Weighted(Objective):
         super().__init__(cfg)
         self.alpha = cfg.alpha  # the training alpha: fixed here, drawn per batch by Conditioned
 
+    def grads_needed(self, step: int) -> tuple[bool, bool]:
+        """At alpha 0 L has no weight, at alpha 1 T has none: no graph for it, but on grad_cosine's steps."""
+        if self.due(step):
+            return True, True
+        return self.alpha != 0, self.alpha != 1
+
     def backward(self, lm_loss: torch.Tensor, task_loss: torch.Tensor, shared: list, step: int) -> dict[str, float]:
         """Backpropagate the combined loss; every log_grad_every steps also measure grad_cosine."""
         logs: dict[str, float] = {}

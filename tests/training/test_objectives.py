@@ -33,6 +33,42 @@ def test_grad_cosine_is_logged_only_on_its_schedule():
     assert "grad_cosine" in obj.backward(w.sum(), w.sum(), [w], step=20)
 
 
+def test_the_weighted_objective_asks_for_no_graph_of_a_loss_it_gives_zero_weight_but_when_measuring():
+    need = {a: Weighted(WeightedObjective(alpha=a, log_grad_every=10)).grads_needed for a in (0.0, 0.5, 1.0)}
+    assert (need[0.0](3), need[0.5](3), need[1.0](3)) == ((False, True), (True, True), (True, False))
+    assert need[0.0](20) == need[1.0](20) == (True, True)  # grad_cosine needs both gradients
+
+
+def _fields(run, keys):
+    import json
+
+    return [{k: r[k] for k in keys if k in r} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_a_loss_with_zero_weight_gets_no_backward_and_the_run_trains_the_same(tiny, tmp_path, monkeypatch, alpha):
+    from llmcli.models.load import load_trained
+    from llmcli.training.engine import train
+
+    quiet = {"progress": False, "log": lambda m: None}
+    cfg = tiny(f"objective.alpha={alpha}", "objective.log_grad_every=0", "train.steps=6", "train.eval_every=6",
+               "train.log_every=2")
+    fast = train(cfg, runs_dir=tmp_path / "fast", **quiet)
+    monkeypatch.setattr(Weighted, "grads_needed", lambda self, step: (True, True))  # the graph of both, as before
+    full = train(cfg, runs_dir=tmp_path / "full", **quiet)
+    # the update is the same: what the weighted loss reaches moves the same way; the loss it drops is still logged
+    same = ("lm_loss", "ppl", "bpb") if alpha == 1 else ("lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1")
+    val = [[r for r in _fields(run, ("step", "split", "domain", *same)) if r.get("split") == "val"] for run in (fast, full)]
+    assert val[0] and val[0] == val[1]  # bit for bit
+    train_fast, train_full = (_fields(r, ("split", "lm_loss", "task_loss")) for r in (fast, full))
+    for a, b in zip(train_fast, train_full):
+        for k in ("lm_loss", "task_loss"):
+            assert (k in a) == (k in b) and a.get(k, 0.0) == pytest.approx(b.get(k, 0.0), rel=1e-5)
+    if alpha == 1:  # T had no graph: the task head, which only T reaches, got no gradient, so no weight decay either
+        fast_head, full_head = (load_trained(r, "last").model.cls_head.weight for r in (fast, full))
+        assert not torch.equal(fast_head, full_head)
+
+
 # ---------------------------------------------------------------- gradient methods: known answers
 
 from llmcli.config import (  # noqa: E402
