@@ -158,14 +158,14 @@ def test_the_eval_table_states_how_best_was_selected():
 def test_an_interrupted_loo_table_resumes_its_cut_cell_from_the_checkpoint(tmp_path, processed_dir):
     import signal
 
-    from tests.conftest import TINY
-    from tests.experiments.test_sweep import _checkpoint_at, _signal_self_when
+    from tests.conftest import TINY, checkpoint_at
+    from tests.experiments.test_sweep import _signal_self_when
 
     out = tmp_path / "loo"
     args = ["train", str(TINY), "--set", f"data.processed_dir={processed_dir}", "--set", "train.steps=15",
             "--set", "train.eval_every=15", "--set", "train.checkpoint_every=3", "--loo", "--methods", "erm",
             "--loo-dir", str(out), "--no-progress"]
-    done = _signal_self_when(lambda: _checkpoint_at(out, "erm/kjv/checkpoints/last.json", 3))
+    done = _signal_self_when(lambda: checkpoint_at(out, "erm/kjv/checkpoints/last.json", 3))
     try:
         res = CliRunner().invoke(app, args)
     finally:
