@@ -151,9 +151,11 @@ class TwoHeadModel(nn.Module):
         with torch.set_grad_enabled(on and task_grad):
             features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
             logits = self.cls_head(features)  # (B, C)
-            task = task_loss(logits, batch.labels)
+        # L before T, as always: the graph's order sets the order gradients are summed in (bit-identical runs)
         with torch.set_grad_enabled(on and lm_grad):
             lm = self.lm_loss(h, batch.tokens, batch.lengths, step)
+        with torch.set_grad_enabled(on and task_grad):
+            task = task_loss(logits, batch.labels)
         return {"lm_loss": lm, "task_loss": task, "logits": logits, "features": features}
 
     def shared_parameters(self) -> list[nn.Parameter]:
