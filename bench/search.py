@@ -68,7 +68,9 @@ def trackers_part(tmp: Path, sets: list[str], repeats: int) -> None:
     from llmcli.config import load_config
     from llmcli.training.engine import train
 
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    # llmcli's own store: sqlite + artifacts beside the (temporary) runs folder. A tracking URI set here would put
+    # MLflow's artifacts in ./mlruns of the working directory.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     quiet = {"progress": False, "log": lambda m: None}
     walls: dict[str, list[float]] = {"none": [], "both": []}
     steps = load_config(TINY, sets).train.steps
