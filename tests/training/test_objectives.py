@@ -53,9 +53,21 @@ def test_a_loss_with_zero_weight_gets_no_backward_and_the_run_trains_the_same(ti
     quiet = {"progress": False, "log": lambda m: None}
     cfg = tiny(f"objective.alpha={alpha}", "objective.log_grad_every=0", "train.steps=6", "train.eval_every=6",
                "train.log_every=2")
+    from llmcli.models.model import TwoHeadModel
+
+    graphs, real = [], TwoHeadModel.lm_loss
+
+    def spy(self, *args, **kwargs):  # whether L is built with a graph, call by call
+        graphs.append(torch.is_grad_enabled())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TwoHeadModel, "lm_loss", spy)
     fast = train(cfg, runs_dir=tmp_path / "fast", **quiet)
+    fast_graphs, graphs[:] = list(graphs), []
     monkeypatch.setattr(Weighted, "grads_needed", lambda self, step: (True, True))  # the graph of both, as before
     full = train(cfg, runs_dir=tmp_path / "full", **quiet)
+    assert any(graphs)  # training builds L's graph when it is asked to
+    assert any(fast_graphs) == (alpha == 1)  # at alpha 0 L never had one
     # the update is the same: what the weighted loss reaches moves the same way; the loss it drops is still logged
     same = ("lm_loss", "ppl", "bpb") if alpha == 1 else ("lm_loss", "ppl", "bpb", "task_loss", "acc", "macro_f1")
     val = [[r for r in _fields(run, ("step", "split", "domain", *same)) if r.get("split") == "val"] for run in (fast, full)]
