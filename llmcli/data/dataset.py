@@ -13,6 +13,18 @@ import torch
 from llmcli.errors import UserError
 
 TOKEN_DTYPES = ("uint16", "uint32")  # what preprocess writes tokens.bin as (`preprocess.token_dtype`)
+EVAL_SEED = 0  # eval's cap draws with this seed, not the run's: every run on the same data scores the same records
+
+
+def capped(idx: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """At most `cap` of `idx`, drawn at random with `seed` and kept in file order.
+
+    Why random: a split's records are in corpus order (a Bible runs Law, History, ..., Epistles), so its first N
+    records are one or two genres; a seeded draw keeps the genres in their proportions.
+    """
+    if not cap or len(idx) <= cap:
+        return idx
+    return np.sort(np.random.default_rng(seed).choice(idx, cap, replace=False))
 
 
 @dataclass

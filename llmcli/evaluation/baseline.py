@@ -125,12 +125,14 @@ def check_counts(corpus: Corpus, manifest: dict[str, Any], what: str) -> None:
 # ---------------------------------------------------------------- fit and score
 
 
-def tfidf_baseline(cfg: Any, manifest: dict[str, Any], data: Any, split: str, in_domain: list[str], *,
-                   run_dir: Path, data_config: str | Path | None = None, log: Any = print) -> dict[str, Any]:
-    """The eval JSON's `baseline`: fitted on the run's training split, scored on eval's records of `split` in `data`.
+def tfidf_baseline(cfg: Any, manifest: dict[str, Any], data: Any, records: dict[str, np.ndarray],
+                   in_domain: list[str], *, run_dir: Path, data_config: str | Path | None = None,
+                   log: Any = print) -> dict[str, Any]:
+    """The eval JSON's `baseline`: fitted on the run's training split, scored on the records eval scored the run on.
 
     cfg / manifest: the run's config and data manifest; data: the ProcessedData eval scores on (the run's own, or
-    `data_config`'s); in_domain: eval's in-domain list (the gaps are taken against it, as the run's are).
+    `data_config`'s); records: eval's scored indices per domain (evaluate.scored_indices); in_domain: eval's
+    in-domain list (the gaps are taken against it, as the run's are).
     """
     t0 = time.perf_counter()
     own = read_corpus(cfg.data, f"the data of {run_dir / 'config.yaml'}")
@@ -147,7 +149,7 @@ def tfidf_baseline(cfg: Any, manifest: dict[str, Any], data: Any, split: str, in
     train_idx = np.flatnonzero((own.splits == 0) & np.isin(own.domains, [own.domain_names.index(d) for d in trained])
                                & (own.labels >= 0))
     pipe, converged = _fit(own, train_idx)
-    per_domain = _score(pipe, scored, data, split, cfg.eval.max_examples, len(own.label_names))
+    per_domain = _score(pipe, scored, records, len(own.label_names))
     ind = [d for d in in_domain if d in per_domain]
     from llmcli.evaluation.metrics import gaps
 
@@ -171,20 +173,12 @@ def _fit(corpus: Corpus, idx: np.ndarray) -> tuple[Any, bool]:
     return pipe, bool(pipe.named_steps["logreg"].n_iter_.max() < LOGREG["max_iter"])
 
 
-def eval_records(data: Any, split: str, domain: str, max_examples: int | None) -> np.ndarray:
-    """The records eval scores the run on in one domain (as evaluate._score_domains picks them)."""
-    idx = data.indices(split, [domain])
-    return idx[:max_examples] if max_examples else idx
-
-
-def _score(pipe: Any, corpus: Corpus, data: Any, split: str, max_examples: int | None,
-           n_classes: int) -> dict[str, dict[str, float]]:
+def _score(pipe: Any, corpus: Corpus, records: dict[str, np.ndarray], n_classes: int) -> dict[str, dict[str, float]]:
     """Per domain with labeled records: n and eval's classification metrics (acc, macro_f1, macro_recall, ece)."""
     from llmcli.evaluation.metrics import classification_metrics
 
     out = {}
-    for d in data.domains:
-        idx = eval_records(data, split, d, max_examples)
+    for d, idx in records.items():
         idx = idx[corpus.labels[idx] >= 0]
         if not len(idx):
             continue

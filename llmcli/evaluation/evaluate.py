@@ -91,7 +91,7 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
         **({"condition": condition} if condition else {}),
         **selection(t.cfg, which),
         **judged,
-        **({"baseline": tfidf_baseline(t.cfg, t.manifest, data, split, judged["in_domain"], run_dir=run_dir,
+        **({"baseline": tfidf_baseline(t.cfg, t.manifest, data, scored, judged["in_domain"], run_dir=run_dir,
                                        data_config=data_config, log=log)} if baseline else {}),
         **({"forgetting": forgetting} if forgetting else {}),
         "seconds": round(seconds, 2),
@@ -100,12 +100,13 @@ def score_run(run_dir: str | Path, *, split: str = "test", checkpoint: str | Non
 
 
 def scored_indices(cfg: Any, data: Any, split: str) -> dict[str, np.ndarray]:
-    """The records eval scores per domain of `split` (capped at eval.max_examples; domains without any left out)."""
+    """The records eval scores per domain of `split` (at most eval.max_examples, a seeded draw in file order; the
+    same records for every run on the same data; domains without any left out)."""
+    from llmcli.data.dataset import EVAL_SEED, capped
+
     out = {}
     for d in data.domains:
-        idx = data.indices(split, [d])
-        if cfg.eval.max_examples:
-            idx = idx[: cfg.eval.max_examples]
+        idx = capped(data.indices(split, [d]), cfg.eval.max_examples, EVAL_SEED)
         if len(idx):
             out[d] = idx
     return out

@@ -199,11 +199,9 @@ class Session:
         return unseen
 
     def _val_subset(self, domain: str, split: str = "val") -> np.ndarray:
-        idx = self.data.indices(split, [domain])
-        cap = self.cfg.train.val_max_examples
-        if cap and len(idx) > cap:
-            idx = np.sort(np.random.default_rng(self.cfg.seed).choice(idx, cap, replace=False))
-        return idx
+        from llmcli.data.dataset import capped
+
+        return capped(self.data.indices(split, [domain]), self.cfg.train.val_max_examples, self.cfg.seed)
 
     def validate(self, step: int) -> tuple[list[dict[str, Any]], float]:
         """Per-domain validation records and the in-domain objective score (lower is better)."""

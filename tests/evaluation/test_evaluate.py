@@ -428,3 +428,24 @@ def test_a_model_hook_runs_on_the_loaded_model_and_the_result_goes_to_the_named_
     assert result["condition"] == {"cls_head": "zeroed"} and "condition" not in plain
     assert json.loads((run / "eval" / "test-uniform.json").read_text()) == json.loads(json.dumps(result))
     assert not (run / "eval" / "test.json").exists()
+
+
+def test_the_eval_cap_draws_across_the_split_the_same_records_for_every_run(tiny_run):
+    # a split is in corpus order (Law first): a cap must not keep its first records, and it must not depend on
+    # the run's seed, so runs of different seeds are scored on the same records
+    from llmcli.data.dataset import ProcessedData
+    from llmcli.data.preprocess import preprocess
+    from llmcli.evaluation.evaluate import scored_indices
+    from llmcli.models.load import load_trained
+
+    cfg = load_trained(tiny_run).cfg
+    data = ProcessedData(preprocess(cfg.data, log=lambda m: None))
+    whole = data.indices("test", ["kjv"])
+    cap = len(whole) // 3
+    capped = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_examples": cap})})
+    other_seed = capped.model_copy(update={"seed": cfg.seed + 1})
+    idx = scored_indices(capped, data, "test")["kjv"]
+    assert len(idx) == cap and set(idx) <= set(whole) and list(idx) == sorted(idx)
+    assert idx.max() > whole[cap - 1]  # not the first `cap` records
+    assert len(set(data.labels[idx])) > len(set(data.labels[whole[:cap]]))  # more genres than a prefix holds
+    assert list(scored_indices(other_seed, data, "test")["kjv"]) == list(idx)

@@ -86,7 +86,7 @@ def test_the_before_figures_are_metrics_score_of_the_freshly_loaded_base(runs, f
     from llmcli.config import HFCausalConfig
     from llmcli.data.dataset import ProcessedData
     from llmcli.data.preprocess import preprocess
-    from llmcli.evaluation.evaluate import eval_task_loss
+    from llmcli.evaluation.evaluate import eval_task_loss, scored_indices
     from llmcli.evaluation.metrics import score
     from llmcli.models.load import load_trained
     from llmcli.models.model import build_model
@@ -97,7 +97,7 @@ def test_the_before_figures_are_metrics_score_of_the_freshly_loaded_base(runs, f
     base = build_model(HFCausalConfig(path=str(t.cfg.model.path)), vocab_size=t.manifest["vocab_size"],
                        n_classes=len(data.label_names), max_len=t.cfg.data.max_len)
     for d, row in result["forgetting"]["domains"].items():
-        m = score(base, data, data.indices("test", [d])[:24], 8, eval_task_loss(t.cfg, data))
+        m = score(base, data, scored_indices(t.cfg, data, "test")[d], 8, eval_task_loss(t.cfg, data))
         assert (row["lm_loss_before"], row["ppl_before"], row["bpb_before"]) == (m["lm_loss"], m["ppl"], m["bpb"])
 
 
@@ -176,7 +176,7 @@ def test_a_changed_base_model_file_is_not_served_from_the_cache(tiny, folders, t
 def test_an_encoder_without_an_lm_head_has_its_head_fitted_first_and_says_so(runs, folders):
     from llmcli.data.dataset import ProcessedData
     from llmcli.data.preprocess import preprocess
-    from llmcli.evaluation.evaluate import eval_task_loss
+    from llmcli.evaluation.evaluate import eval_task_loss, scored_indices
     from llmcli.evaluation.forgetting import build_base
     from llmcli.evaluation.metrics import score
     from llmcli.models.load import load_trained
@@ -193,7 +193,7 @@ def test_an_encoder_without_an_lm_head_has_its_head_fitted_first_and_says_so(run
     unfitted = build_base(t)  # the same base with its new head as initialised
     assert unfitted.backbone.fresh_head
     for d, row in f["domains"].items():
-        m = score(unfitted, data, data.indices("test", [d])[:24], 8, eval_task_loss(t.cfg, data))
+        m = score(unfitted, data, scored_indices(t.cfg, data, "test")[d], 8, eval_task_loss(t.cfg, data))
         assert row["ppl_before"] < m["ppl"]  # fitting the head made "before" a real masked-LM figure
     again = evaluate(runs["bare"], **EVAL)["forgetting"]  # deterministic; and the second one comes from the cache
     assert again["cache"]["hit"] and again["domains"] == f["domains"] and again["head_fit"] == f["head_fit"]

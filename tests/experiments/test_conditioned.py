@@ -102,7 +102,7 @@ def test_the_conditioned_front_is_scored_by_evaluate_with_the_weighted_task_loss
     eval.max_examples, on the conditioned run's `last` checkpoint with the FiLM alpha set to the grid value."""
     from llmcli.data.dataset import ProcessedData
     from llmcli.data.preprocess import preprocess
-    from llmcli.evaluation.evaluate import evaluate
+    from llmcli.evaluation.evaluate import evaluate, scored_indices
     from llmcli.evaluation.metrics import score
     from llmcli.experiments.conditioned_sweep import at_alpha
     from llmcli.experiments.sweep import sweep_alpha
@@ -125,6 +125,6 @@ def test_the_conditioned_front_is_scored_by_evaluate_with_the_weighted_task_loss
     t.model.alpha_film.alpha.fill_(0.25)
     data = ProcessedData(preprocess(t.cfg.data, log=lambda m: None))
     unweighted = registry("task_loss").build(t.cfg.task_loss, n_classes=len(data.label_names))  # no counts: uniform
-    kjv = score(t.model, data, data.indices("test", ["kjv"])[:40], t.cfg.eval.batch_size, unweighted)
+    kjv = score(t.model, data, scored_indices(t.cfg, data, "test")["kjv"], t.cfg.eval.batch_size, unweighted)
     assert kjv["n"] == at[0.25]["domains"]["kjv"]["n"] and kjv["lm_loss"] == at[0.25]["domains"]["kjv"]["lm_loss"]
     assert kjv["task_loss"] != pytest.approx(at[0.25]["domains"]["kjv"]["task_loss"])

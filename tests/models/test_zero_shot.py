@@ -67,7 +67,7 @@ def test_llmcli_lm_loss_is_transformers_loss_on_the_same_tokens(folders, name):
 def test_an_untrained_run_evaluates_to_transformers_perplexity_per_domain(tiny, tmp_path, folders, name):
     from llmcli.data.dataset import ProcessedData
     from llmcli.data.preprocess import preprocess
-    from llmcli.evaluation.evaluate import evaluate
+    from llmcli.evaluation.evaluate import evaluate, scored_indices
     from llmcli.models.load import load_trained
     from llmcli.training.engine import train
 
@@ -83,8 +83,9 @@ def test_an_untrained_run_evaluates_to_transformers_perplexity_per_domain(tiny, 
     data = ProcessedData(preprocess(t.cfg.data, log=lambda m: None))
     auto = transformers.AutoModelForMaskedLM if encoder else transformers.AutoModelForCausalLM
     ref = auto.from_pretrained(str(folders[name]), local_files_only=True).eval()
+    scored = scored_indices(t.cfg, data, "test")  # eval's own draw of 24 records per domain
     for domain, metrics in result["domains"].items():
-        idx = data.indices("test", [domain])[:24]
+        idx = scored[domain]
         nll, n = 0.0, 0
         for start in range(0, len(idx), 5):  # another batching than eval's: the masks are per record
             b = data.batch(idx[start : start + 5])
