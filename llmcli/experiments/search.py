@@ -276,7 +276,7 @@ class TrialSource(JobSource):
 
     def __init__(self, study: Any, state: dict[str, Any], folder: Path, stale: list[Any], n_new: int,
                  log: Any) -> None:
-        super().__init__(folder, len(stale) + n_new)
+        super().__init__(folder, len(stale) + n_new, state["config"]["train"]["threads"])
         self.study, self.state, self.log = study, state, log
         self.stale, self.n_new = list(stale), n_new
         self.space, self.goals = space_of(state), objectives_of(state)
@@ -409,7 +409,7 @@ def search(cfg: Any, params: list[str] | None = None, objectives: list[str] | No
         state, study = open_search(folder, workers)
     else:
         state = new_state(cfg, params or [], objectives or [], sampler, pruner, trials, seed, workers, log)
-        folder, study = _create(cfg, state, runs_dir, workers or default_workers(state["trials"]))
+        folder, study = _create(cfg, state, runs_dir, workers or default_workers(state["trials"], cfg.train.threads))
     _tracking_parent(folder, state, log)
     with _locked(folder):
         signum, outcomes = _run(study, state, folder, workers, backend, ray_address, log)
@@ -446,7 +446,8 @@ def _run(study: Any, state: dict[str, Any], folder: Path, workers: int | None, b
     if not source.total:
         return None, {}
     runner = run_ray if backend == "ray" else run_local
-    signum = runner(source, workers or state.get("workers") or default_workers(source.total), log, ray_address)
+    signum = runner(source, workers or state.get("workers") or default_workers(source.total, source.threads), log,
+                    ray_address)
     return signum, source.outcomes
 
 

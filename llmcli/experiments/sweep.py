@@ -147,7 +147,8 @@ def _run_points(cfg: Any, state: dict[str, Any], sweep_dir: Path, workers: int |
     if not todo:
         return None
     runner = run_ray if backend == "ray" else run_local
-    return runner(PointSource(cfg, state, sweep_dir, todo, log), workers or default_workers(len(todo)), log, ray_address)
+    workers = workers or default_workers(len(todo), cfg.train.threads)
+    return runner(PointSource(cfg, state, sweep_dir, todo, log), workers, log, ray_address)
 
 
 class PointSource(JobSource):
@@ -155,7 +156,7 @@ class PointSource(JobSource):
 
     def __init__(self, cfg: Any, state: dict[str, Any], sweep_dir: Path, todo: list[tuple[float, int]],
                  log: Any) -> None:
-        super().__init__(sweep_dir, len(todo))
+        super().__init__(sweep_dir, len(todo), cfg.train.threads)
         self.cfg, self.variable, self.todo, self.log = cfg, state["variable"], list(todo), log
 
     def next_threads(self, planned: int) -> int | None:

@@ -198,15 +198,17 @@ class Job:
 class JobSource:
     """What a runner runs: the next job when a slot frees, whether to stop a running one, what to do when one ends.
 
-    `total`: the jobs this run starts at most (the thread plan is made for them); `label` / `noun`: the log's words.
+    `total`: the jobs this run starts at most (the thread plan is made for them); `threads`: the base config's
+    train.threads, where set (every job on that many, no plan); `label` / `noun`: the log's words.
     """
 
     label = "sweep"
     noun = "point"
 
-    def __init__(self, sweep_dir: Path, total: int) -> None:
+    def __init__(self, sweep_dir: Path, total: int, threads: int | None = None) -> None:
         self.sweep_dir = sweep_dir
         self.total = total
+        self.threads = threads
 
     def next_threads(self, planned: int) -> int | None:
         """The threads the next job needs (`planned`, or what a resumed job started with); None: no job left."""
@@ -229,6 +231,7 @@ def _start_line(source: JobSource, workers: int, plan: list[int]) -> str:
     base = plan[-1] if plan else 1
     lead = len(plan) - plan.count(base)
     return (f"{source.label}: {source.total} {source.noun}(s) to run, {workers} worker(s) x {base} thread(s)"
+            + (" (train.threads of the config)" if source.threads else "")
             + (f"; first {lead} {source.noun}(s) on {plan[0]} thread(s) each, so that no round runs part-empty"
                if lead else ""))
 
@@ -242,7 +245,7 @@ class _Pool:
         self.ctx = mp.get_context("spawn")
         self.source, self.workers, self.log = source, workers, log
         cores = os.cpu_count() or 1
-        self.plan = thread_plan(max(source.total, 1), workers, cores)
+        self.plan = thread_plan(max(source.total, 1), workers, cores, source.threads)
         # more workers than cores: oversubscribed, as asked
         self.capacity = max(cores, min(workers, source.total) * self.plan[-1])
         self.running: dict[str, tuple[Any, Job]] = {}  # job name -> (process, job)
@@ -401,7 +404,7 @@ class _RayRun:
         import ray
 
         self.source, self.workers, self.log = source, workers, log
-        self.plan = thread_plan(max(source.total, 1), workers, cpus)
+        self.plan = thread_plan(max(source.total, 1), workers, cpus, source.threads)
         self.remote = ray.remote(max_retries=0)(_ray_point)
         self.refs: dict[Any, Job] = {}
         self.cancelled: set[Any] = set()

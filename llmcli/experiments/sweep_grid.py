@@ -92,19 +92,25 @@ def point_name(variable: str, value: float, seed: int) -> str:
     return f"{variable}-{value:g}-seed{seed}"
 
 
-def default_workers(n_points: int) -> int:
-    """Every core busy, none oversubscribed: one worker per core, at most one per point."""
-    return max(1, min(n_points, os.cpu_count() or 1))
+def default_workers(n_points: int, threads: int | None = None) -> int:
+    """Every core busy, none oversubscribed: one worker per core (per `threads` cores where the base config sets
+    train.threads), at most one per point."""
+    return max(1, min(n_points, (os.cpu_count() or 1) // (threads or 1)))
 
 
-def thread_plan(n_points: int, workers: int, cores: int) -> list[int]:
+def thread_plan(n_points: int, workers: int, cores: int, threads: int | None = None) -> list[int]:
     """Torch threads of each point, in start order.
+
+    `threads`: the base config's train.threads, where the user set it: every point runs on that many (the
+    user's choice, e.g. to leave cores to other work, beats the plan below).
 
     Points run `workers` at a time on cores // workers threads each. The n_points % workers points that
     would make a last, part-empty round go first instead and share every core among them: on 2 cores,
     5 points cost one point on 2 threads + 2 rounds on 1 thread (~4.3 one-run walls) instead of 3 rounds on
     1 thread (~5), since a point on one thread costs ~1.65x one on two (docs/sweeps.md).
     """
+    if threads:
+        return [threads] * n_points
     workers = max(1, min(workers, n_points))
     base = max(1, cores // workers)
     lead = n_points % workers

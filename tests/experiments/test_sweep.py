@@ -40,7 +40,8 @@ def rows(sweep_dir):
 
 def test_exact_sweep_writes_one_run_per_point_and_the_summary(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    sweep = sweep_alpha(tiny(*FAST), [0.0, 0.5, 1.0], runs_dir=tmp_path, workers=2, **QUIET)
+    # threads left to the plan (tiny.yaml names train.threads: 1, which every point would then run on)
+    sweep = sweep_alpha(tiny(*FAST, "train.threads=null"), [0.0, 0.5, 1.0], runs_dir=tmp_path, workers=2, **QUIET)
     assert sweep.name.startswith("sweep-")
     table = rows(sweep)
     assert [float(r["value"]) for r in table] == [0.0, 0.5, 1.0]
@@ -342,6 +343,25 @@ def test_thread_plan_runs_the_points_of_a_part_empty_round_first_on_every_core()
     assert thread_plan(3, 1, 2) == [2, 2, 2]
     assert thread_plan(1, 2, 2) == [2]
     assert thread_plan(3, 4, 2) == [1, 1, 1]  # more workers than cores: oversubscribed, as asked
+
+
+def test_a_base_config_that_sets_train_threads_runs_every_point_on_them(tiny, tmp_path, monkeypatch):
+    from llmcli.experiments.sweep import PointSource, default_workers, new_state
+    from llmcli.experiments.sweep_exec import _Pool, _start_line
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    todo = [(0.0, 0), (0.5, 0), (1.0, 0)]
+    free = tiny("train.threads=null")  # threads left to the plan (tiny.yaml names 1)
+    planned = PointSource(free, new_state(free, [0.0, 0.5, 1.0], None, None, "exact"), tmp_path, todo, print)
+    assert default_workers(3) == 3 and _Pool(planned, 2, print).plan == [4, 2, 2]  # the plan: the odd point first
+    cfg = tiny("train.threads=2")  # e.g. to leave cores to other work: the user's threads win over the plan
+    source = PointSource(cfg, new_state(cfg, [0.0, 0.5, 1.0], None, None, "exact"), tmp_path, todo, print)
+    workers = default_workers(3, cfg.train.threads)
+    assert workers == 2  # 4 cores // 2 threads: not oversubscribed
+    pool = _Pool(source, workers, print)
+    assert pool.plan == [2, 2, 2]
+    assert "2 worker(s) x 2 thread(s) (train.threads of the config)" in _start_line(source, workers, pool.plan)
+    assert source.next_job(pool.planned()).config["train"]["threads"] == 2
 
 
 def test_a_resumed_point_is_counted_with_the_threads_it_started_with(tmp_path):
