@@ -316,3 +316,18 @@ def test_resume_tells_the_study_what_the_folders_say_and_queues_failed_trials_ag
     assert retry.user_attrs["retry_of"] == 0
     sync(study, state, tmp_path, said.append)
     assert not [t for t in study.get_trials() if t.state.name == "WAITING"]  # not queued twice
+
+
+def test_a_search_whose_base_config_sets_train_threads_runs_every_trial_on_them(tiny, tmp_path, monkeypatch):
+    """No training: the runner's plan for a search's trials (the base config's train.threads win over the plan)."""
+    from llmcli.experiments.search import TrialSource, new_state
+    from llmcli.experiments.sweep_exec import _Pool
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    plans = {}
+    for threads in ("null", "2"):
+        state = new_state(tiny(f"train.threads={threads}"), ["optim.lr=uniform:0.001:0.01"], ["kjv.acc"], "random",
+                          "none", 3, None, None, log=lambda m: None)
+        source = TrialSource(None, state, tmp_path, [], 3, lambda m: None)
+        plans[threads] = _Pool(source, 2, lambda m: None).plan
+    assert plans == {"null": [4, 2, 2], "2": [2, 2, 2]}
