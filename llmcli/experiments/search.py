@@ -330,40 +330,41 @@ class TrialSource(JobSource):
         if size == self.seen.get(job.name):
             return False
         self.seen[job.name] = size
-        step, value = self._report(job.name, path)
         trial = self.trials[job.name]
-        if step is None or not trial.should_prune():
-            return False
-        atomic_write_json(self.sweep_dir / job.name / PRUNED_MARK, {"step": step, "value": value})
-        self.log(f"search: {job.name}: pruned at step {step} ({self.goals[0].key} = {fmt(self.goals[0].metric, value)})")
-        return True
+        # asked after each step, not once after the batch: a poll that comes late (several validation steps written
+        # since the last) prunes at the first step the pruner refuses, as an in-process Optuna objective would
+        for step, value in self._report(job.name, path):
+            if trial.should_prune():
+                atomic_write_json(self.sweep_dir / job.name / PRUNED_MARK, {"step": step, "value": value})
+                self.log(f"search: {job.name}: pruned at step {step} "
+                         f"({self.goals[0].key} = {fmt(self.goals[0].metric, value)})")
+                return True
+        return False
 
-    def _report(self, name: str, path: Path) -> tuple[int | None, float | None]:
-        """trial.report for each validation step not reported yet; the last step and value reported."""
+    def _report(self, name: str, path: Path) -> Iterator[tuple[int, float]]:
+        """trial.report each validation step not reported yet, in step order; yields (step, value) after each."""
         from llmcli.runs import read_metrics
 
         try:
             records = read_metrics(path)
         except UserError:
-            return None, None
+            return
         trial, done = self.trials[name], self.reported[name]
         steps: dict[int, dict[str, Any]] = {}
         for r in records:
             if r.get("split") == "val" and r.get("domain") not in (None, "in_domain"):
                 steps.setdefault(r["step"], {})[r["domain"]] = r
-        last: tuple[int | None, float | None] = (None, None)
         for step in sorted(s for s in steps if s not in done):
             value = pick(steps[step], self.goals[0], self.state["groups"])
             if value is not None:
                 trial.report(value, step)
                 done.add(step)
-                last = (step, value)
-        return last
+                yield step, value
 
     def ended(self, job: Job, exitcode: int | None) -> str:
         phrase = record_outcome(self.sweep_dir / job.name, exitcode)
         if self.pruning:  # the validation steps written since the last poll: the study keeps every curve whole
-            self._report(job.name, self.sweep_dir / job.name / "metrics.jsonl")
+            list(self._report(job.name, self.sweep_dir / job.name / "metrics.jsonl"))
         trial = self.trials.pop(job.name)
         told = end_trial(self.study, trial, self.sweep_dir / job.name, self.state)
         self.outcomes[trial.number] = told

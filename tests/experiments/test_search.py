@@ -172,7 +172,8 @@ def test_a_pruned_trial_is_recorded_pruned_not_failed_and_never_rerun(tiny, tmp_
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
     assert [r["state"] for r in rows(folder)] == ["COMPLETE", "PRUNED"] and rows(folder)[1]["error"] == ""
     status = json.loads((folder / "trial-0001" / "status.json").read_text())
-    assert status["status"] == "pruned" and status["step"] < 9
+    # the first validation step the pruner refuses, however late the poll read the metrics (several steps at once)
+    assert status["status"] == "pruned" and status["step"] == 3
     assert study.trials[1].intermediate_values  # the pruner saw the validation records as they were written
     stamp = (folder / "trial-0001" / "status.json").stat().st_mtime_ns
     again = []
@@ -331,3 +332,26 @@ def test_a_search_whose_base_config_sets_train_threads_runs_every_trial_on_them(
         source = TrialSource(None, state, tmp_path, [], 3, lambda m: None)
         plans[threads] = _Pool(source, 2, lambda m: None).plan
     assert plans == {"null": [4, 2, 2], "2": [2, 2, 2]}
+
+
+def test_a_late_poll_prunes_at_the_first_step_the_pruner_refuses(tiny, tmp_path):
+    """No training: three validation steps read in one poll are reported one by one, and pruning stops at the first."""
+    import optuna
+
+    from llmcli.experiments.search import PRUNED_MARK, TrialSource, new_state
+    from llmcli.experiments.sweep_exec import Job
+
+    state = new_state(tiny(), ["optim.lr=uniform:0.001:0.01"], ["kjv.ppl:min"], "random", "median:n_startup_trials=1",
+                      2, None, None, log=lambda m: None)
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    first = study.ask()
+    for step in (3, 6, 9):
+        first.report(100.0, step)
+    study.tell(first, 100.0)
+    source = TrialSource(study, state, tmp_path, [], 1, lambda m: None)
+    job = source.next_job(1)
+    records = [{"step": s, "split": "val", "domain": "kjv", "ppl": 500.0 - s} for s in (3, 6, 9)]
+    (tmp_path / job.name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert isinstance(job, Job) and source.poll(job) is True
+    assert json.loads((tmp_path / job.name / PRUNED_MARK).read_text()) == {"step": 3, "value": 497.0}
+    assert study.trials[1].intermediate_values == {3: 497.0}  # steps 6 and 9 wait for the trial's end
