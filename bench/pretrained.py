@@ -8,7 +8,8 @@ Parts (issue 18, item 8), each side in a subprocess of its own, so its peak RSS 
   records in the same order (the batches llmcli's `_batch_indices` draws; an encoder's masks are llmcli's).
   What each computes: llmcli L (next-token or masked-LM NLL by the chunked fused head) and T (genre head on
   the pooled states; for an encoder a second forward of the unmasked input), backward of alpha L + (1 - alpha) T;
-  transformers L only, through (B, T, V) logits.
+  transformers L only, through (B, T, V) logits. An encoder also gets `llmcli_one_pass` (alpha 0.5 with
+  `model.task_input=masked`: T reads the masked input's states, one forward for both losses).
 - eval: tokens/s of llmcli's `metrics.score` (LM and task metrics) against transformers' forward with labels
   under `inference_mode`, on the same test records batched alike, and the zero-shot perplexity of both on them
   (the issue's equality check; an encoder without an MLM head of its own is given llmcli's new head).
@@ -49,11 +50,12 @@ COMPUTES = {
     "llmcli": "L (fused head) + T, backward of 0.5 L + 0.5 T",
     "llmcli_alpha1": "L (fused head) + T, backward of 1.0 L + 0.0 T",
     "llmcli_bf16": "as llmcli, under torch.autocast('cpu', bfloat16)",
+    "llmcli_one_pass": "as llmcli, model.task_input=masked: T from the masked input's states (one forward)",
     "transformers": "L only: model(input_ids, attention_mask, labels).loss, full (B, T, V) logits",
     "prefix_off": "as llmcli, bottom K blocks frozen, the whole model runs every step",
     "prefix_cached": "as llmcli, bottom K blocks frozen, their states read from the prefix cache",
 }
-TRAIN_SIDES = ("llmcli", "llmcli_alpha1", "llmcli_bf16", "transformers")
+TRAIN_SIDES = ("llmcli", "llmcli_alpha1", "llmcli_one_pass", "llmcli_bf16", "transformers")
 EVAL_SIDES = ("llmcli", "llmcli_bf16", "transformers")
 GEN_SIDES = ("llmcli", "transformers")
 PREFIX_SIDES = ("prefix_off", "prefix_cached")
@@ -169,8 +171,9 @@ def train_llmcli(job: dict[str, Any], side: str) -> dict[str, Any]:
 
     from llmcli.training.engine import Session, _accumulate, _batch_indices
 
-    sess = Session(config(job, f"objective.alpha={1.0 if side == 'llmcli_alpha1' else 0.5}", *prefix_sets(job, side)),
-                   quiet)
+    one_pass = ["model.task_input=masked"] if side == "llmcli_one_pass" else []
+    sess = Session(config(job, f"objective.alpha={1.0 if side == 'llmcli_alpha1' else 0.5}", *one_pass,
+                          *prefix_sets(job, side)), quiet)
     loaded = rss_kb()
     total = job["warmup"] + job["steps"]
     if side == "llmcli":  # the batches of every side: the ones _accumulate draws (a pure function of the step)
@@ -424,6 +427,7 @@ def gen_transformers(job: dict[str, Any], side: str) -> dict[str, Any]:
 
 
 RUNNERS = {("train", "llmcli"): train_llmcli, ("train", "llmcli_alpha1"): train_llmcli,
+           ("train", "llmcli_one_pass"): train_llmcli,
            ("train", "llmcli_bf16"): train_llmcli, ("train", "transformers"): train_transformers,
            ("train", "prefix_off"): train_llmcli, ("train", "prefix_cached"): train_llmcli,
            ("eval", "llmcli"): eval_llmcli, ("eval", "llmcli_bf16"): eval_llmcli,
@@ -552,7 +556,8 @@ def main() -> None:
         shape = {"model": a.model, "kind": job["kind"], "batch": a.batch, "len": a.len, "threads": a.threads,
                  "load_avg_1m": round(os.getloadavg()[0], 2)}
         parts = a.parts.split(",")
-        drop = ("llmcli_bf16",) if a.no_bf16 else ()
+        # the one-pass side is an encoder's option (a causal LM's T already reads L's states)
+        drop = (("llmcli_bf16",) if a.no_bf16 else ()) + (("llmcli_one_pass",) if job["kind"] == "hf_causal" else ())
         if "train" in parts:
             run_train(job, tuple(s for s in TRAIN_SIDES if s not in drop), {**shape, "steps": a.steps})
         if "eval" in parts:

@@ -149,6 +149,12 @@ class Backbone:
         `step` (None: evaluation), so runs and resumes are exact. A causal backbone never gets this call."""
         raise NotImplementedError(f"{type(self).__name__} is not causal but defines no mask_tokens")
 
+    def task_reads_masked(self) -> bool:
+        """A masked-LM backbone: whether in training the task head reads the states of `mask_tokens`' input (one
+        forward for L and T) rather than a forward of its own of the unmasked input (default). Evaluation always
+        reads the unmasked input."""
+        return False
+
     def states(self, idx: Tensor, lengths: Tensor) -> Tensor:
         """(B, T, D) states of right-padded records (`lengths` real tokens each): by default `forward(idx)`,
         as causal attention lets no real position see a pad; a bidirectional encoder masks the pads out."""

@@ -44,6 +44,7 @@ def test_pretrained_bench_sets_llmcli_beside_transformers_on_a_tiny_gpt2(tmp_pat
     for part, sides in (("train", ("llmcli", "llmcli_alpha1", "llmcli_bf16", "transformers")),
                         ("eval", ("llmcli", "llmcli_bf16", "transformers")), ("generate", ("llmcli", "transformers"))):
         assert {(f"pretrained_{part}_tokens_per_s", s) for s in sides} <= got
+    assert ("pretrained_train_tokens_per_s", "llmcli_one_pass") not in got  # an encoder's option only
     assert all(x["value"] > 0 for x in lines if x["bench"].endswith(("tokens_per_s", "speedup")))
     train = {x["side"]: x for x in lines if x["bench"] == "pretrained_train_tokens_per_s"}
     assert train["llmcli"]["tokens"] == train["transformers"]["tokens"]  # the same batches on both sides

@@ -260,6 +260,10 @@ class HFEncoderConfig(Strict):
                                    "predicts; of those 80 % become the mask token, 10 % a random token, 10 % stay")
     pool: Literal["mean", "cls"] = Field("mean", description="the task head's features: the mean state over the "
                                          "record's tokens, or the state of its first token ([CLS])")
+    task_input: Literal["unmasked", "masked"] = Field(
+        "unmasked", description="what the task head reads in training: the unmasked record (a forward of its own "
+        "beside L's masked one) or L's masked input (one forward serves L and T: faster, T trains on 15 %-masked "
+        "text); evaluation always reads the unmasked record")
 
 
 class CrossEntropyLoss(Strict):

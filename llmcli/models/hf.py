@@ -9,7 +9,8 @@ builtin:NAME) and loaded with `local_files_only=True`: nothing is downloaded. Th
 - `hf_encoder`: a BERT-style encoder; L is the masked-LM loss (`BertMasking`: BERT's 80/10/10 masking of 15 % of
   the real tokens, a pure function of the record and the training step). Its own MLM head where the folder's
   weights hold one (AutoModelForMaskedLM), else a new one as BERT's: dense + GELU + LayerNorm, then a decoder
-  tied to the word embeddings with a zero bias. The task head reads the unmasked input, mean-pooled (or [CLS]).
+  tied to the word embeddings with a zero bias. The task head reads the unmasked input, mean-pooled (or [CLS]);
+  with `task_input: masked`, in training it reads L's masked input instead (one forward serves both losses).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class HFEncoder(nn.Module, Backbone):
     """(B, T) ids -> (B, T, D) states of a bidirectional encoder, padding masked out of attention; L is masked LM."""
 
     def __init__(self, model: nn.Module, head: LMHead | None, block_size: int, record: dict[str, Any],
-                 masking: BertMasking, pool: str) -> None:
+                 masking: BertMasking, pool: str, task_input: str = "unmasked") -> None:
         super().__init__()
         self.hf = model  # the *ForMaskedLM (own head) or the bare encoder
         self._body = (model.base_model,)
@@ -133,6 +134,7 @@ class HFEncoder(nn.Module, Backbone):
         self.d_model = int(model.config.hidden_size)
         self.block_size, self._record, self.masking, self._pool = block_size, record, masking, pool
         self._pad_id = model.config.pad_token_id
+        self._task_input = task_input
 
     def hf_module(self) -> nn.Module:
         """The transformers model (what LoRA wraps)."""
@@ -158,6 +160,10 @@ class HFEncoder(nn.Module, Backbone):
                     step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT's masking of the records (`BertMasking`)."""
         return self.masking(tokens, lengths, step)
+
+    def task_reads_masked(self) -> bool:
+        """`model.task_input: masked`: in training, T reads the masked-LM input's states (one forward)."""
+        return self._task_input == "masked"
 
     @property
     def embed(self) -> nn.Embedding:
@@ -308,4 +314,5 @@ def build_hf_encoder(cfg: HFEncoderConfig, *, vocab_size: int, max_len: int) -> 
     block = _check_fit(model, cfg.path, cfg.block_size, vocab_size, max_len)
     masking = _masking(p, cfg, vocab_size, transformers)
     # no head of its own: keep the bare encoder (the head transformers initialised is dropped for llmcli's own)
-    return HFEncoder(model if head is not None else model.base_model, head, block, p.record(), masking, cfg.pool)
+    return HFEncoder(model if head is not None else model.base_model, head, block, p.record(), masking, cfg.pool,
+                     cfg.task_input)

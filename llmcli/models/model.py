@@ -97,20 +97,23 @@ class TwoHeadModel(nn.Module):
         """The token each position of `lm_nll` predicts: the next one (B, T-1), or the position's own (B, T)."""
         return tokens[:, 1:] if self.backbone.causal() else tokens
 
-    def _lm_rows(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                 step: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _lm_rows(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, step: int | None,
+                 picked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(states that predict (B, T', D), their targets (B, T'), mask of real targets (B, T')) of the LM loss:
-        causal, T' = T - 1 from `h`; masked LM, T' = T from a forward of the masked input."""
+        causal, T' = T - 1 from `h`; masked LM, T' = T from a forward of the masked input (or `h` itself when
+        it already is that forward's states, `picked` (B, T) bool its masked positions)."""
         if self.backbone.causal():
             return h[:, :-1], tokens[:, 1:], _real(tokens.shape[1] - 1, lengths - 1)
+        if picked is not None:
+            return h, tokens, picked
         masked, chosen = self.backbone.mask_tokens(tokens, lengths, step)  # (B, T), (B, T) bool
         return self.backbone.states(masked, lengths), tokens, chosen
 
-    def lm_nll(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-               step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def lm_nll(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, step: int | None = None,
+               picked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position LM NLL, zero off its mask of real targets, aligned with `lm_targets`: next-token (B, T-1)
         from the states `h`; masked LM (B, T) at the masked positions, from a forward of the masked input."""
-        states, targets, mask = self._lm_rows(h, tokens, lengths, step)
+        states, targets, mask = self._lm_rows(h, tokens, lengths, step, picked)
         transform, weight, bias = head_parts(self.lm_head)
         if self.backbone.causal():
             logits = F.linear(transform(states), weight, bias)  # (B, T-1, V)
@@ -121,14 +124,15 @@ class TwoHeadModel(nn.Module):
         nll[mask] = F.cross_entropy(logits.float(), targets[mask], reduction="none")
         return nll, mask
 
-    def lm_loss(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                step: int | None = None) -> torch.Tensor:
-        """Mean LM NLL over real targets; when training, by the chunked fused head (no (B, T, V) logits)."""
+    def lm_loss(self, h: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, step: int | None = None,
+                picked: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean LM NLL over real targets; when training, by the chunked fused head (no (B, T, V) logits).
+        `picked`: `h` already is an encoder's masked-input states, these (B, T) its masked positions."""
         transform, weight, bias = head_parts(self.lm_head)
         if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
-            nll, mask = self.lm_nll(h, tokens, lengths, step)
+            nll, mask = self.lm_nll(h, tokens, lengths, step, picked)
             return nll.sum() / mask.sum().clamp(min=1)
-        states, targets, mask = self._lm_rows(h, tokens, lengths, step)
+        states, targets, mask = self._lm_rows(h, tokens, lengths, step, picked)
         if self.backbone.causal():  # every position, pads weighted 0 (B*(T-1) rows)
             rows, targets = transform(states).reshape(-1, states.shape[-1]), targets.reshape(-1)
             row_weight = (mask.float() / mask.sum().clamp(min=1)).reshape(-1)  # the mean as a weighted sum
@@ -145,15 +149,23 @@ class TwoHeadModel(nn.Module):
         computed for the logs only, without a graph and so without its backward."""
         lm_grad, task_grad = grads
         on = torch.is_grad_enabled()
-        # a causal LM's L reads the same states as T; an encoder's L runs its own forward of the masked input
-        with torch.set_grad_enabled(on and (task_grad or (lm_grad and self.backbone.causal()))):
-            h = self(batch.tokens, batch.lengths, prefix)  # (B, T, D); an encoder's from the unmasked input
+        picked = None
+        if step is not None and self.backbone.task_reads_masked():
+            # one forward of the masked input serves both losses (`model.task_input: masked`): the prefix cache
+            # holds unmasked states, so it is not read here
+            masked, picked = self.backbone.mask_tokens(batch.tokens, batch.lengths, step)  # (B, T), (B, T) bool
+            with torch.set_grad_enabled(on and (task_grad or lm_grad)):
+                h = self.backbone.states(masked, batch.lengths)  # (B, T, D)
+        else:
+            # a causal LM's L reads the same states as T; an encoder's L runs its own forward of the masked input
+            with torch.set_grad_enabled(on and (task_grad or (lm_grad and self.backbone.causal()))):
+                h = self(batch.tokens, batch.lengths, prefix)  # (B, T, D); an encoder's from the unmasked input
         with torch.set_grad_enabled(on and task_grad):
             features = self.pool(h, batch.lengths)  # (B, D): what domain-generalisation methods align
             logits = self.cls_head(features)  # (B, C)
         # L before T, as always: the graph's order sets the order gradients are summed in (bit-identical runs)
         with torch.set_grad_enabled(on and lm_grad):
-            lm = self.lm_loss(h, batch.tokens, batch.lengths, step)
+            lm = self.lm_loss(h, batch.tokens, batch.lengths, step, picked)
         with torch.set_grad_enabled(on and task_grad):
             task = task_loss(logits, batch.labels)
         return {"lm_loss": lm, "task_loss": task, "logits": logits, "features": features}

@@ -462,7 +462,10 @@ def open_cache(model: nn.Module, freeze: list[str], data: ProcessedData, *, stor
         return None, [f"{NOTE}: not used: cannot write in {data.path} ({exc.strerror or exc}); the whole model runs"]
     notes = [f"{NOTE}: the embeddings and {_blocks(k)} are frozen: their states come from {root} "
              f"(computed once, in eval mode: no dropout below block {k})"]
-    if not model.backbone.causal():
+    if model.backbone.task_reads_masked():
+        notes.append(f"{NOTE}: model.task_input is masked: training runs one forward of the masked input through the "
+                     "whole model; validation and evaluation read the cache")
+    elif not model.backbone.causal():
         notes.append(f"{NOTE}: an encoder's masked-LM loss reads a masked input, so its forward runs the whole "
                      "model; the task head's (unmasked) forward reads the cache")
     return PrefixCache(root, model, k, data, storage, batch_size, device, log), notes
@@ -475,7 +478,9 @@ def for_training(model: nn.Module, cfg: Any, data: ProcessedData,
         return None, []
     cache, notes = open_cache(model, cfg.train.freeze, data, storage=cfg.train.prefix_cache_dtype,
                               batch_size=cfg.eval.batch_size, device=device, compiled=cfg.train.compile)
-    if cache is not None and cfg.data.augment:
+    if cache is not None and model.backbone.task_reads_masked():
+        cache.batches = False  # nothing in a training step reads unmasked states (the note above says so)
+    elif cache is not None and cfg.data.augment:
         cache.batches = False
         notes.append(f"{NOTE}: data.augment changes the training batches' tokens: they run the whole model; "
                      "validation reads the cache")

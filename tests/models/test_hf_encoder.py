@@ -147,3 +147,32 @@ def test_hf_encoder_trains_evaluates_as_masked_lm_repeats_and_refuses_generate(t
     assert [d["ppl"] for d in again["domains"].values()] == [d["ppl"] for d in result["domains"].values()]
     with pytest.raises(UserError, match=r"^generate needs a causal model; .* is an hf_encoder"):
         list(generate(first, "In the beginning", max_new_tokens=3))
+
+
+def test_task_input_masked_trains_both_losses_on_one_forward_and_evaluates_the_unmasked_record(bert_dir):
+    from llmcli.config import validate_config
+    from llmcli.data.dataset import Batch
+    from llmcli.training.losses import build_cross_entropy
+
+    ce = build_cross_entropy(validate_config({}).task_loss, n_classes=3)
+    tokens, lengths = records([12, 9])
+    batch = Batch(tokens, lengths, torch.tensor([1, 2]), torch.tensor([0, 0]))
+    two, one = encoder(bert_dir).train(), encoder(bert_dir, task_input="masked").train()
+    calls = []
+    for m in (two, one):
+        m.backbone.hf.base_model.register_forward_hook(lambda mod, args, out, m=m: calls.append(m))
+        torch.manual_seed(1)  # the same dropout draws on both models' first forward
+        out = m.losses(batch, ce, step=5)
+        (out["lm_loss"] + out["task_loss"]).backward()
+    assert calls.count(two) == 2 and calls.count(one) == 1  # one forward serves L and T
+    masked, picked = one.backbone.mask_tokens(tokens, lengths, step=5)
+    one.eval()
+    with torch.no_grad():
+        h = one.backbone.states(masked, lengths)  # (B, T, D) of the masked input, no dropout
+        train_mode = one.losses(batch, ce, step=5)
+        eval_mode = one.losses(batch, ce)  # evaluation: T reads the unmasked record
+    assert torch.allclose(train_mode["logits"], one.cls_head(one.pool(h, lengths)), atol=1e-6)
+    assert torch.allclose(train_mode["lm_loss"], one.lm_loss(h, tokens, lengths, picked=picked), atol=1e-6)
+    assert torch.allclose(eval_mode["logits"], one.cls_head(one.pool(one(tokens, lengths), lengths)), atol=1e-6)
+    assert not torch.allclose(train_mode["logits"], eval_mode["logits"], atol=1e-4)
+    assert torch.allclose(train_mode["lm_loss"], two.eval().losses(batch, ce, step=5)["lm_loss"], atol=1e-6)

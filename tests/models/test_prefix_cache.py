@@ -226,6 +226,11 @@ def test_augmented_batches_and_encoders_say_what_reads_the_cache(tiny, folders):
     assert cache is not None and not cache.batches  # augmented tokens: training batches run the whole model
     text = " ".join(notes)
     assert "masked-LM loss reads a masked input" in text and "data.augment" in text and "in eval mode" in text
+    one = hf_cfg(tiny, folders, "bert_bare", "train.freeze=[bottom:1]", "model.task_input=masked")
+    model, data = session_model(one)
+    cache, notes = pc.for_training(model, one, data, "cpu")
+    assert cache is not None and not cache.batches  # one masked forward per step: only validation reads it
+    assert "model.task_input is masked" in " ".join(notes) and "masked-LM loss reads" not in " ".join(notes)
 
 
 def _fill(args):
