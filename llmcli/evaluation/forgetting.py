@@ -283,6 +283,7 @@ def cache_key(t: Any, data: Any, scored: dict[str, np.ndarray], fit: HeadFit | N
 
     model = t.cfg.model.model_dump(mode="json")
     model.pop("path", None)  # the weights are named by their sha256 (one model may be spelled several ways)
+    model.pop("task_input", None)  # what an encoder's task head reads in training: the base is never trained
     return {
         "format": FORMAT,
         "base_sha256": t.model.backbone.pretrained_record()["sha256"],
