@@ -67,3 +67,19 @@ def test_search_bench_sets_the_search_beside_plain_commands_and_times_the_tracke
     assert all(got[k]["value"] > 0 for k in ("search_wall_per_trial", "search_trial_own_wall", "plain_train_wall"))
     assert got["plain_train_eval_wall"]["value"] > got["plain_train_wall"]["value"]  # two evals more
     assert got["trackers_ms_per_step"]["steps"] == 2
+
+
+def test_pretrained_bench_sets_an_encoders_one_pass_step_beside_transformers_on_a_tiny_bert(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.hf_models import tiny_bert
+
+    lines = _run("pretrained.py", "--model", str(tiny_bert(tmp_path / "bert")), "--steps", "1", "--warmup", "0",
+                 "--batch", "2", "--len", "16", "--eval-records", "4", "--threads", "1", "--chapters", "1",
+                 "--parts", "train,eval,generate", "--no-bf16", "--inline")
+    train = {x["side"]: x for x in lines if x["bench"] == "pretrained_train_tokens_per_s"}
+    assert set(train) == {"llmcli", "llmcli_alpha1", "llmcli_one_pass", "transformers"}
+    assert all(x["value"] > 0 for x in train.values())
+    assert train["llmcli_one_pass"]["tokens"] == train["llmcli"]["tokens"] == train["transformers"]["tokens"]
+    (ppl,) = [x for x in lines if x["bench"] == "pretrained_zero_shot_ppl"]  # the masked-LM ppl, llmcli's masks
+    assert ppl["rel_diff"] < 1e-5 and ppl["value"] > 1
+    assert not any(x["bench"].startswith("pretrained_generate") for x in lines)  # an encoder generates nothing

@@ -176,3 +176,31 @@ def test_task_input_masked_trains_both_losses_on_one_forward_and_evaluates_the_u
     assert torch.allclose(eval_mode["logits"], one.cls_head(one.pool(one(tokens, lengths), lengths)), atol=1e-6)
     assert not torch.allclose(train_mode["logits"], eval_mode["logits"], atol=1e-4)
     assert torch.allclose(train_mode["lm_loss"], two.eval().losses(batch, ce, step=5)["lm_loss"], atol=1e-6)
+
+
+def test_a_one_pass_run_killed_mid_save_resumes_to_the_uninterrupted_metrics(tiny, bert_dir, tmp_path, monkeypatch):
+    import llmcli.models.checkpoint as ck
+    from llmcli.training.engine import train
+    from tests.training.test_resume import Killed, same_weights
+    from tests.training.test_train import QUIET, metric_values
+
+    sets = [f"model={{name: hf_encoder, path: '{bert_dir}', task_input: masked}}", "data.tokenizer={name: pretrained}",
+            "train.steps=10", "train.checkpoint_every=4", "train.eval_every=10", "train.log_every=1",
+            "train.val_max_examples=16"]
+    reference = train(tiny(*sets), runs_dir=tmp_path / "reference", **QUIET)
+    real = ck.atomic_write_json
+
+    def write_json(path, obj):
+        if path.name == "last.json" and obj["step"] == 8:
+            raise Killed  # the crash: step 8's tensors written, its sidecar not, so the run goes back to step 4
+        real(path, obj)
+
+    monkeypatch.setattr(ck, "atomic_write_json", write_json)
+    with pytest.raises(Killed):
+        train(tiny(*sets), runs_dir=tmp_path / "killed", **QUIET)
+    monkeypatch.undo()
+    run = next((tmp_path / "killed").iterdir())
+    train(None, resume=run, **QUIET)
+    assert json.loads((run / "meta.json").read_text())["resumed_at_step"] == 4
+    assert metric_values(run) == metric_values(reference)  # steps 5-8's masks and dropout drawn again, the same
+    assert same_weights(run, reference)
