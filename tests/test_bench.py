@@ -82,4 +82,6 @@ def test_pretrained_bench_sets_an_encoders_one_pass_step_beside_transformers_on_
     assert train["llmcli_one_pass"]["tokens"] == train["llmcli"]["tokens"] == train["transformers"]["tokens"]
     (ppl,) = [x for x in lines if x["bench"] == "pretrained_zero_shot_ppl"]  # the masked-LM ppl, llmcli's masks
     assert ppl["rel_diff"] < 1e-5 and ppl["value"] > 1
+    evals = {x["side"]: x for x in lines if x["bench"] == "pretrained_eval_tokens_per_s"}
+    assert set(evals) == {"llmcli", "transformers"} and evals["llmcli"]["tokens"] == evals["transformers"]["tokens"]
     assert not any(x["bench"].startswith("pretrained_generate") for x in lines)  # an encoder generates nothing
