@@ -682,6 +682,12 @@ class ExperimentBase(Strict):
         if dg is None or data is None or dg.name == "erm":
             return self
         n = len(data.train_domains or [None]) - len(self.train.exclude_domains)  # null = the first domain only
+        if dg.name == "dann" and data.lm_only_ratio > 0:
+            # DANN's classifier also tells the unlabeled target text apart: one labeled domain + target text is the
+            # setting it was made for (Ganin et al. 2016: labeled source, unlabeled target)
+            n += len(data.lm_only_domains)
         if n < 2:
-            raise ValueError(f"dg.name: {dg.name!r} needs at least two data.train_domains (given: {data.train_domains})")
+            target = " (or, for dann, data.lm_only_domains: unlabeled target text)" if dg.name == "dann" else ""
+            raise ValueError(f"dg.name: {dg.name!r} needs at least two data.train_domains{target} "
+                             f"(given: {data.train_domains})")
         return self

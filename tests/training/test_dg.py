@@ -298,6 +298,22 @@ def test_a_dg_method_needs_two_train_domains(tiny):
     assert tiny("dg.name=erm").dg.name == "erm"
 
 
+def test_dann_trains_on_one_labeled_domain_with_unlabeled_target_text(tiny, tmp_path):
+    from llmcli.training.engine import Session, train
+
+    with pytest.raises(UserError, match=r"'dann' needs at least two data.train_domains \(or, for dann, data.lm_only"):
+        tiny("dg.name=dann")
+    sess = Session(tiny("dg.name=dann", "data.lm_only_domains=[wyc]"), log=lambda m: None)
+    assert sess.dg.classifier[-1].out_features == 2  # the labeled kjv and the unlabeled wyc text
+    run = train(tiny("dg.name=dann", "data.lm_only_domains=[wyc]", "train.steps=6", "train.log_every=3"),
+                runs_dir=tmp_path, **QUIET)
+    logged = [r for r in train_records(run) if r["split"] == "train"]
+    assert [r["step"] for r in logged] == [3, 6] and all(r["domain_loss"] > 0 for r in logged)
+    assert all(0.0 <= r["domain_acc"] <= 1.0 for r in logged)
+    with pytest.raises(UserError, match=r"'coral' needs at least two data.train_domains \(given"):
+        tiny("dg.name=coral", "data.lm_only_domains=[wyc]")  # an alignment over labeled domains: target text is not one
+
+
 def test_dann_classifies_lm_only_target_text_too(tiny, tmp_path):
     from llmcli.training.engine import Session
 
