@@ -401,8 +401,10 @@ class DANNConfig(Strict):
     """
 
     name: Literal["dann"] = "dann"
-    weight: float = Field(0.1, ge=0.0, le=MAX_WEIGHT, description="weight of the domain-classification loss")
-    reversal: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="scale of the reversed gradient reaching the features")
+    weight: float = Field(0.1, ge=0.0, le=MAX_WEIGHT, description="weight of the domain-confusion term on the features "
+                          "(DomainBed's lambda); the classifier itself always learns from the whole domain loss")
+    reversal: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="a further scale of the reversed gradient reaching "
+                            "the features (they receive -weight * reversal times the domain loss's gradient)")
     hidden: int = Field(64, ge=1, le=MAX_WIDTH, description="width of the domain classifier's hidden layer")
 
 

@@ -276,7 +276,13 @@ def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 class DANN(DGMethod):
-    """Pooled task loss + weight * domain cross-entropy of a classifier that sees features through reversal."""
+    """Pooled task loss + domain cross-entropy of a classifier that sees the features through a gradient reversal.
+
+    The classifier learns from the whole domain loss, the features from weight * reversal times its gradient,
+    reversed: the roles of DomainBed's DANN (its discriminator steps on the full loss with an optimiser of its
+    own; the featuriser gets lambda * -loss). Scaling the classifier's loss by `weight` too would leave it near the
+    domain prior (it did on MiniLM: domain_acc stayed at the labeled rows' share), so the reversal read nothing.
+    """
 
     cfg: DANNConfig
 
@@ -301,11 +307,10 @@ class DANN(DGMethod):
             domains = torch.cat([domains, out["lm_only_domains"]])  # (B + B',)
         self.classifier.to(feats.device)
         target = self.lookup.to(feats.device)[domains]  # (B + B',)
-        logits = self.classifier(reverse_gradient(feats, self.cfg.reversal).float())  # (B, K)
+        logits = self.classifier(reverse_gradient(feats, self.cfg.weight * self.cfg.reversal).float())  # (B, K)
         domain_loss = F.cross_entropy(logits, target)
         acc = float((logits.argmax(-1) == target).float().mean())
-        return out["task_loss"] + self.cfg.weight * domain_loss, {"domain_loss": float(domain_loss.detach()),
-                                                                  "domain_acc": acc}
+        return out["task_loss"] + domain_loss, {"domain_loss": float(domain_loss.detach()), "domain_acc": acc}
 
     def state_dict(self) -> dict[str, Any]:
         """The classifier's weights as lists (float32 values round-trip exactly through JSON)."""

@@ -256,6 +256,30 @@ def test_gradient_reversal_flips_the_gradient_sign():
     assert torch.allclose(x.grad, -0.5 * torch.tensor([1.0, 2.0, 3.0]))
 
 
+def test_dann_classifier_learns_from_the_whole_domain_loss_and_the_features_from_its_scaled_reversal():
+    from types import SimpleNamespace
+
+    from llmcli.config import DANNConfig
+    from llmcli.training.dg import DANN
+
+    torch.manual_seed(0)
+    dann = DANN(DANNConfig(weight=0.2, reversal=0.5), domains=[0], names=["kjv"], stream_domains=[0, 3], d_model=4)
+    feats, extra = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)  # labeled, LM-only
+    out = {"features": feats, "task_loss": torch.tensor(0.7), "lm_only_features": extra,
+           "lm_only_domains": torch.tensor([3, 3])}
+    loss, logs = dann.task_loss(None, SimpleNamespace(domains=torch.zeros(3, dtype=torch.long)), out, CE, step=0)
+    loss.backward()
+    # the same domain loss with no reversal: the gradients a plain classifier of these features would get
+    x = torch.cat([feats, extra]).detach().requires_grad_(True)
+    plain = torch.nn.functional.cross_entropy(dann.classifier(x), torch.tensor([0, 0, 0, 1, 1]))
+    grads = torch.autograd.grad(plain, [x, *dann.classifier.parameters()])
+    assert float(loss.detach()) == pytest.approx(0.7 + float(plain.detach()))
+    assert logs["domain_loss"] == pytest.approx(float(plain.detach()))
+    for p, g in zip(dann.classifier.parameters(), grads[1:]):
+        assert torch.allclose(p.grad, g, atol=1e-7)  # the classifier: the whole domain loss, unscaled
+    assert torch.allclose(torch.cat([feats.grad, extra.grad]), -0.2 * 0.5 * grads[0], atol=1e-7)
+
+
 # ---------------------------------------------------------------- training on two domains
 
 TWO = ("data.train_domains=[kjv,web]", "train.sampler=balanced")
