@@ -386,6 +386,25 @@ def compress(
     _guard(body)
 
 
+@app.command()
+def soup(
+    run_dirs: list[str] = typer.Argument(..., help="Runs fine-tuned from one start (same model, tokenizer, labels)."),
+    base_weight: float = typer.Option(0.0, "--base-weight", help="Mix the pretrained weights this far back toward "
+                                      "the base model (WiSE-FT, 0-1); the heads stay the runs' mean."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best or last (default: best if present)."),
+    runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where the new run goes (default: beside run 1)."),
+) -> None:
+    """Write the weight average of runs (a model soup), optionally mixed toward the base, as a new run folder."""
+
+    def body() -> None:
+        from llmcli.experiments.soup import soup as run
+
+        _check_checkpoint(checkpoint)
+        typer.echo(run(run_dirs, base_weight=base_weight, checkpoint=checkpoint, runs_dir=runs_dir, log=commands.log))
+
+    _guard(body)
+
+
 @app.command("sweep-alpha")
 def sweep_alpha(
     config: Optional[str] = typer.Argument(None, help="Experiment config (YAML); omit with --resume."),

@@ -56,6 +56,36 @@ def new_folder(root: Path, name: Callable[[], str], tries: int = 100) -> Path | 
     return None
 
 
+def staging_dir(root: Path, kind: str) -> Path:
+    """A new hidden folder `root/.<kind>-<hex>.tmp` to build a derived run in (created with the umask's mode, as run
+    folders are); `publish_run` then gives it its run folder name at once."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = new_folder(root, lambda: f".{kind}-{secrets.token_hex(4)}.tmp")
+    except OSError as exc:
+        raise UserError(f"{root}: cannot create a run folder here ({exc.strerror})") from None
+    if path is None:
+        raise UserError(f"{root}: could not find a free temporary folder name")
+    return path
+
+
+def publish_run(staging: Path, root: Path, name: str, last: Callable[[Path], None] | None = None) -> Path:
+    """Move a finished staging folder to a fresh run folder name (reserved empty by create_run_dir, then replaced),
+    so the run appears complete at once; `last(out)` first writes what must name the final folder."""
+    import contextlib
+
+    out = create_run_dir(root, name)
+    try:
+        if last is not None:
+            last(out)
+        os.replace(staging, out)  # rename(2) onto the empty reserved folder
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+        raise
+    return out
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -124,7 +124,7 @@ def test_validate_and_schema_do_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-COMMANDS = ["preprocess", "train", "eval", "generate", "compress", "sweep-alpha", "reproduce", "validate", "schema"]
+COMMANDS = ["preprocess", "train", "eval", "generate", "compress", "soup", "sweep-alpha", "reproduce", "validate", "schema"]
 
 
 def test_version_prints_the_package_version():

@@ -9,9 +9,6 @@ holds the whole merged model, as a run without adapters does.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ from llmcli.models.formats import (
     float_state,
     quantize_int8,
 )
-from llmcli.runs import create_run_dir, new_folder, new_meta, timestamp
+from llmcli.runs import new_meta, publish_run, staging_dir, timestamp
 
 COPIED = ("config.yaml", "tokenizer.json", "data_manifest.json")
 
@@ -87,12 +84,13 @@ def compress(run_dir: str | Path, *, quantize: str | None = None, prune: float |
         raise UserError(f"{parent}: already a compressed run; compress its parent {t.checkpoint[RECORD]['parent']}")
     model, record = _compressed_model(t, parent, which, quantize, prune)
     root = Path(runs_dir) if runs_dir else parent.parent
-    staging = _staging_dir(root)
+    staging = staging_dir(root, "compress")
     try:
         _write_child(staging, parent, t, model, record)
         report = side_by_side(parent, staging, split=split, parent_checkpoint=which, log=log)
         tag = "-".join(x for x in (quantize, f"p{round(prune * 100)}" if prune else None) if x)
-        out = _publish(staging, root, f"{t.cfg.name}-{tag}", report)
+        out = publish_run(staging, root, f"{t.cfg.name}-{tag}",
+                          lambda out: atomic_write_json(staging / "compress.json", {**report, "compressed": str(out)}))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written
         raise
@@ -119,18 +117,6 @@ def _compressed_model(t: Any, parent: Path, which: str, quantize: str | None,
     return model, record
 
 
-def _staging_dir(root: Path) -> Path:
-    """A new hidden folder in `root` to build a run in (created with the umask's mode, as run folders are)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        path = new_folder(root, lambda: f".compress-{secrets.token_hex(4)}.tmp")
-    except OSError as exc:
-        raise UserError(f"{root}: cannot create a run folder here ({exc.strerror})") from None
-    if path is None:
-        raise UserError(f"{root}: could not find a free temporary folder name")
-    return path
-
-
 def _write_child(out: Path, parent: Path, t: Any, model: nn.Module, record: dict[str, Any]) -> None:
     """The compressed run's files: the parent's config, tokenizer and data manifest, the checkpoint, meta.json."""
     from safetensors.torch import save
@@ -148,19 +134,6 @@ def _write_child(out: Path, parent: Path, t: Any, model: nn.Module, record: dict
     meta = new_meta(t.cfg.seed, {"name": t.cfg.name, "parent": str(parent), RECORD: record,
                                  "step": t.checkpoint["step"], "device": "cpu"})
     atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": timestamp()})
-
-
-def _publish(staging: Path, root: Path, name: str, report: dict[str, Any]) -> Path:
-    """Move the finished staging folder to a fresh run folder name (reserved empty by create_run_dir, then replaced)."""
-    out = create_run_dir(root, name)
-    try:
-        atomic_write_json(staging / "compress.json", {**report, "compressed": str(out)})
-        os.replace(staging, out)  # rename(2) onto the empty reserved folder: the run appears complete at once
-    except BaseException:
-        with contextlib.suppress(OSError):
-            out.rmdir()
-        raise
-    return out
 
 
 def weight_bytes(run_dir: Path, which: str) -> int:
