@@ -29,17 +29,22 @@ def timestamp() -> str:
 
 def create_run_dir(runs_dir: Path, name: str, prefix: str = "") -> Path:
     """runs/<prefix><YYYYmmdd-HHMMSS>-<name>-<4 hex>, created exclusively (two runs never share one)."""
-    runs_dir = Path(runs_dir)
+    return _reserve(Path(runs_dir), lambda: f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}",
+                    "run folder name")
+
+
+def _reserve(root: Path, name: Callable[[], str], what: str) -> Path:
+    """root/<name()>, created exclusively (root first, if missing); a failure is one line naming root."""
     try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{runs_dir}: cannot create the runs folder ({exc.strerror})") from None
+        raise UserError(f"{root}: cannot create the runs folder ({exc.strerror})") from None
     try:
-        path = new_folder(runs_dir, lambda: f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}")
+        path = new_folder(root, name)
     except OSError as exc:
-        raise UserError(f"{runs_dir}: cannot create a run folder here ({exc.strerror})") from None
+        raise UserError(f"{root}: cannot create a run folder here ({exc.strerror})") from None
     if path is None:
-        raise UserError(f"{runs_dir}: could not find a free run folder name")
+        raise UserError(f"{root}: could not find a free {what}")
     return path
 
 
@@ -59,14 +64,7 @@ def new_folder(root: Path, name: Callable[[], str], tries: int = 100) -> Path | 
 def staging_dir(root: Path, kind: str) -> Path:
     """A new hidden folder `root/.<kind>-<hex>.tmp` to build a derived run in (created with the umask's mode, as run
     folders are); `publish_run` then gives it its run folder name at once."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        path = new_folder(root, lambda: f".{kind}-{secrets.token_hex(4)}.tmp")
-    except OSError as exc:
-        raise UserError(f"{root}: cannot create a run folder here ({exc.strerror})") from None
-    if path is None:
-        raise UserError(f"{root}: could not find a free temporary folder name")
-    return path
+    return _reserve(Path(root), lambda: f".{kind}-{secrets.token_hex(4)}.tmp", "temporary folder name")
 
 
 def publish_run(staging: Path, root: Path, name: str, last: Callable[[Path], None] | None = None) -> Path:
@@ -84,6 +82,33 @@ def publish_run(staging: Path, root: Path, name: str, last: Callable[[Path], Non
             out.rmdir()
         raise
     return out
+
+
+DERIVED_FILES = ("config.yaml", "tokenizer.json", "data_manifest.json")  # what a derived run copies from its parent
+
+
+def write_derived_run(out: Path, parent: Path, tensors: dict[str, Any], record_key: str, record: dict[str, Any], *,
+                      step: int, seed: int, name: str, meta: dict[str, Any] | None = None) -> None:
+    """A run made from other runs' weights (compress, soup) in folder `out`: the parent's config, tokenizer and data
+    manifest, `tensors` as checkpoints/best (its sidecar: step, sha256 and the `record_key` record that says how the
+    weights were made) and a completed meta.json. No metrics and no optimiser state: it cannot be resumed."""
+    import shutil
+
+    from safetensors.torch import save
+
+    from llmcli.files import atomic_write_bytes, sha256_file
+
+    try:
+        for file in DERIVED_FILES:
+            shutil.copy2(parent / file, out / file)
+        (out / "checkpoints").mkdir()
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the new run ({exc.strerror})") from None
+    ck = out / "checkpoints" / "best.safetensors"
+    atomic_write_bytes(ck, save(tensors))
+    atomic_write_json(ck.with_suffix(".json"), {"step": step, record_key: record, "sha256": sha256_file(ck)})
+    info = new_meta(seed, {"name": name, **(meta or {}), record_key: record, "step": step, "device": "cpu"})
+    atomic_write_json(out / "meta.json", {**info, "status": "completed", "ended": timestamp()})
 
 
 def _git_commit() -> str | None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from llmcli.errors import UserError
-from llmcli.files import atomic_write_bytes, atomic_write_json, sha256_file
+from llmcli.files import atomic_write_json
 from llmcli.models.formats import (
     FLOAT_PREFIX,
     QLINEAR_PREFIX,
@@ -28,9 +28,7 @@ from llmcli.models.formats import (
     float_state,
     quantize_int8,
 )
-from llmcli.runs import new_meta, publish_run, staging_dir, timestamp
-
-COPIED = ("config.yaml", "tokenizer.json", "data_manifest.json")
+from llmcli.runs import publish_run, staging_dir, write_derived_run
 
 
 def check_options(quantize: str | None, prune: float | None) -> None:
@@ -119,21 +117,8 @@ def _compressed_model(t: Any, parent: Path, which: str, quantize: str | None,
 
 def _write_child(out: Path, parent: Path, t: Any, model: nn.Module, record: dict[str, Any]) -> None:
     """The compressed run's files: the parent's config, tokenizer and data manifest, the checkpoint, meta.json."""
-    from safetensors.torch import save
-
-    try:
-        for name in COPIED:
-            shutil.copy2(parent / name, out / name)
-        (out / "checkpoints").mkdir()
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write the compressed run ({exc.strerror})") from None
-    ck = out / "checkpoints" / "best.safetensors"
-    atomic_write_bytes(ck, save(compressed_tensors(model)))
-    atomic_write_json(ck.with_suffix(".json"), {"step": t.checkpoint["step"], RECORD: record,
-                                                "sha256": sha256_file(ck)})
-    meta = new_meta(t.cfg.seed, {"name": t.cfg.name, "parent": str(parent), RECORD: record,
-                                 "step": t.checkpoint["step"], "device": "cpu"})
-    atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": timestamp()})
+    write_derived_run(out, parent, compressed_tensors(model), RECORD, record, step=t.checkpoint["step"],
+                      seed=t.cfg.seed, name=t.cfg.name, meta={"parent": str(parent)})
 
 
 def weight_bytes(run_dir: Path, which: str) -> int:

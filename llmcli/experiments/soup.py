@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from llmcli.errors import UserError
-from llmcli.files import atomic_write_bytes, atomic_write_json, sha256_file
-from llmcli.runs import new_meta, publish_run, staging_dir, timestamp
+from llmcli.files import sha256_file
+from llmcli.runs import publish_run, staging_dir, write_derived_run
 
 RECORD = "soup"  # the key of the soup's record in its checkpoint sidecar and meta.json
-COPIED = ("config.yaml", "tokenizer.json", "data_manifest.json")
 
 
 def check_options(run_dirs: list[str], base_weight: float) -> None:
@@ -138,17 +137,5 @@ def mix_toward_base(model: nn.Module, cfg: Any, manifest: dict[str, Any], base_w
 
 def _write_soup(out: Path, first: Path, t: Any, model: nn.Module, record: dict[str, Any]) -> None:
     """The soup's files: run 0's config, tokenizer and data manifest, the checkpoint `best`, meta.json."""
-    from safetensors.torch import save
-
-    try:
-        for name in COPIED:
-            shutil.copy2(first / name, out / name)
-        (out / "checkpoints").mkdir()
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write the soup's run folder ({exc.strerror})") from None
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    ck = out / "checkpoints" / "best.safetensors"
-    atomic_write_bytes(ck, save(tensors))
-    atomic_write_json(ck.with_suffix(".json"), {"step": t.checkpoint["step"], RECORD: record, "sha256": sha256_file(ck)})
-    meta = new_meta(t.cfg.seed, {"name": t.cfg.name, RECORD: record, "step": t.checkpoint["step"], "device": "cpu"})
-    atomic_write_json(out / "meta.json", {**meta, "status": "completed", "ended": timestamp()})
+    write_derived_run(out, first, tensors, RECORD, record, step=t.checkpoint["step"], seed=t.cfg.seed, name=t.cfg.name)
