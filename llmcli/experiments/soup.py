@@ -2,9 +2,9 @@
 base, as a new self-describing run folder that eval, classify and generate read like any run.
 
 Why: runs fine-tuned from the same pretrained weights stay in one basin of the loss, so the mean of their weights
-is itself a good model, often better in and out of domain than each of them, at the inference cost of one
-(Wortsman et al. 2022, "Model soups"). Mixing the fine-tuned pretrained weights back toward the base
-(`--base-weight`) trades a little in-domain accuracy for out-of-domain accuracy (Wortsman et al. 2022,
+can itself be a good model, at the inference cost of one (Wortsman et al. 2022, "Model soups"; not so for the two
+MiniLM seeds measured in docs/pretrained.md, which ended too far apart). Mixing the fine-tuned pretrained weights
+back toward the base (`--base-weight`) trades a little in-domain accuracy for out-of-domain accuracy (Wortsman et al. 2022,
 "Robust fine-tuning of zero-shot models", WiSE-FT). The heads and every weight the base does not have stay the runs'
 mean. The soup is written with run 0's config, tokenizer and data manifest; the runs must agree on the model,
 tokenizer, labels and every weight's name and shape.
